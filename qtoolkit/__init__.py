@@ -1,0 +1,15 @@
+"""qtoolkit: accurate, verified int8 TFLite models from TensorFlow/Keras.
+
+    import qtoolkit
+    scheme = qtoolkit.load_scheme("int8")
+
+The package sets TF_USE_LEGACY_KERAS=1 before TensorFlow is imported (see
+`qtoolkit/_env.py`): qtoolkit works on Keras 2 (`tf_keras`) models.
+"""
+
+from qtoolkit import _env  # noqa: F401  (must run before TensorFlow is imported)
+from qtoolkit.schemes import QuantScheme, SchemeError
+from qtoolkit.schemes import load as load_scheme
+
+__version__ = "0.1.0"
+__all__ = ["QuantScheme", "SchemeError", "load_scheme", "__version__"]

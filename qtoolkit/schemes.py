@@ -1,0 +1,239 @@
+"""Quantization schemes: how weights and activations are quantized.
+
+A scheme is plain data (frozen dataclasses), loaded from YAML files in
+`configs/` and validated; presets are the files `configs/<name>.yaml`.
+
+    >>> from qtoolkit import schemes
+    >>> s = schemes.load("int8")                       # a preset by name
+    >>> s.weights.granularity, s.activations.bits
+    ('per_channel', 8)
+    >>> s2 = schemes.load("my_scheme.yaml")            # or a file  # doctest: +SKIP
+    >>> schemes.QuantScheme.from_dict(s.to_dict()) == s
+    True
+
+Every error is a `SchemeError` naming the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Optional
+
+import yaml
+
+from qtoolkit.quantizers import MAX_BITS, MIN_BITS
+
+GRANULARITIES = ("per_tensor", "per_channel")
+RANGE_METHODS = ("minmax", "ema", "percentile", "mse", "entropy")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+_PACKAGED_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+class SchemeError(ValueError):
+    """A scheme file or dict that is not valid; the message says where and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightQuant:
+    """How weights are quantized (the paper's recommendation by default).
+
+    Attributes:
+      bits: 2 to 16.
+      symmetric: zero-point 0 (TFLite requires it for int8 weights).
+      narrow_range: drop the lowest code ([-127, 127] for int8).
+      granularity: "per_channel" (one range per output channel) or "per_tensor".
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    narrow_range: bool = True
+    granularity: str = "per_channel"
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationQuant:
+    """How activations are quantized and how their ranges are calibrated.
+
+    Attributes:
+      bits: 2 to 16 (16 means TFLite's int16x8 mode, symmetric).
+      symmetric: zero-point 0.
+      narrow_range: drop the lowest code.
+      granularity: only "per_tensor" (TFLite has no per-channel activations).
+      method: range method, one of RANGE_METHODS.
+      ema_decay: decay of the moving average of batch min/max ("ema").
+      percentile: two-sided percentile kept ("percentile"), e.g. 99.99.
+      num_bins: histogram bins ("percentile", "mse", "entropy").
+    """
+
+    bits: int = 8
+    symmetric: bool = False
+    narrow_range: bool = False
+    granularity: str = "per_tensor"
+    method: str = "minmax"
+    ema_decay: float = 0.9
+    percentile: float = 99.99
+    num_bins: int = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantScheme:
+    """A whole scheme. `activations` is None for weight-only quantization.
+
+    Attributes:
+      name: short identifier (the preset name for presets).
+      description: one line for humans.
+      weights: WeightQuant.
+      activations: ActivationQuant, or None (weights only, float activations).
+    """
+
+    name: str = "custom"
+    description: str = ""
+    weights: WeightQuant = WeightQuant()
+    activations: Optional[ActivationQuant] = ActivationQuant()
+
+    @property
+    def weight_only(self) -> bool:
+        """True when activations stay float (dynamic-range TFLite model)."""
+        return self.activations is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (YAML-ready) that `from_dict` turns back into the scheme."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> "QuantScheme":
+        """Builds and validates a scheme.
+
+        Args:
+          data: mapping with keys name, description, weights, activations.
+          source: where the data came from, for error messages.
+
+        Raises:
+          SchemeError: naming `source`, the key and the allowed values.
+        """
+        if not isinstance(data, Mapping):
+            raise SchemeError(f"{source}: a scheme must be a mapping of keys, got {type(data).__name__}")
+        top = _fields(cls, data, source, "")
+        weights = top.get("weights", {})
+        acts = top.get("activations", {}) if "activations" in top else {}
+        scheme = cls(
+            name=_typed(top.get("name", "custom"), str, source, "name"),
+            description=_typed(top.get("description", ""), str, source, "description"),
+            weights=WeightQuant(**_fields(WeightQuant, weights, source, "weights.")),
+            activations=None if acts is None else ActivationQuant(**_fields(ActivationQuant, acts, source, "activations.")),
+        )
+        validate(scheme, source)
+        return scheme
+
+    def to_yaml(self) -> str:
+        """The scheme as a YAML document."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **sections: Mapping[str, Any]) -> "QuantScheme":
+        """A copy with fields of `weights` / `activations` overridden, validated.
+
+        Example: `scheme.replace(activations={"method": "percentile"})`.
+        """
+        data = self.to_dict()
+        for section, values in sections.items():
+            if section not in ("weights", "activations"):
+                data[section] = values
+            elif data.get(section) is None:
+                raise SchemeError(f"scheme {self.name!r} has no {section} to override")
+            else:
+                data[section] = {**data[section], **values}
+        return QuantScheme.from_dict(data, source=f"scheme {self.name!r} with overrides")
+
+
+def _fields(cls, data: Any, source: str, prefix: str) -> dict[str, Any]:
+    """Checks that `data` is a mapping whose keys are fields of `cls`."""
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(data, Mapping):
+        raise SchemeError(f"{source}: {prefix.rstrip('.') or 'scheme'} must be a mapping with keys "
+                          f"{', '.join(allowed)}; got {data!r}")
+    unknown = [k for k in data if k not in allowed]
+    if unknown:
+        raise SchemeError(f"{source}: unknown key {prefix}{unknown[0]!s}; allowed keys are "
+                          f"{', '.join(prefix + a for a in allowed)}")
+    return dict(data)
+
+
+def _typed(value: Any, kind: type, source: str, key: str) -> Any:
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise SchemeError(f"{source}: {key} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _check_section(section: Any, source: str, prefix: str) -> None:
+    for field in dataclasses.fields(section):
+        value = getattr(section, field.name)
+        kind = {"int": int, "bool": bool, "str": str, "float": float}[field.type]
+        _typed(value, kind, source, prefix + field.name)
+    if not MIN_BITS <= section.bits <= MAX_BITS:
+        raise SchemeError(f"{source}: {prefix}bits must be an integer from {MIN_BITS} to {MAX_BITS}, "
+                          f"got {section.bits}")
+    if section.granularity not in GRANULARITIES:
+        raise SchemeError(f"{source}: {prefix}granularity must be one of {', '.join(GRANULARITIES)}, "
+                          f"got {section.granularity!r}")
+
+
+def validate(scheme: QuantScheme, source: str = "<scheme>") -> None:
+    """Raises SchemeError if a field has the wrong type or an unsupported value."""
+    _check_section(scheme.weights, source, "weights.")
+    acts = scheme.activations
+    if acts is None:
+        return
+    _check_section(acts, source, "activations.")
+    if acts.granularity != "per_tensor":
+        raise SchemeError(f"{source}: activations.granularity must be per_tensor (TFLite has no "
+                          f"per-channel activation quantization), got {acts.granularity!r}")
+    if acts.method not in RANGE_METHODS:
+        raise SchemeError(f"{source}: activations.method must be one of {', '.join(RANGE_METHODS)}, "
+                          f"got {acts.method!r}")
+    if not 0.0 < acts.ema_decay < 1.0:
+        raise SchemeError(f"{source}: activations.ema_decay must be in (0, 1), got {acts.ema_decay}")
+    if not 50.0 < acts.percentile <= 100.0:
+        raise SchemeError(f"{source}: activations.percentile must be in (50, 100], got {acts.percentile}")
+    if not 16 <= acts.num_bins <= 1 << 16:
+        raise SchemeError(f"{source}: activations.num_bins must be from 16 to 65536, got {acts.num_bins}")
+    if acts.bits == 16 and not acts.symmetric:
+        raise SchemeError(f"{source}: activations.bits 16 needs activations.symmetric: true "
+                          f"(TFLite's int16x8 mode has zero-point 0)")
+
+
+def preset_names() -> list[str]:
+    """Names of the presets (`configs/<name>.yaml`)."""
+    folder = _config_dir()
+    return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
+
+
+def _config_dir() -> str:
+    return CONFIG_DIR if os.path.isdir(CONFIG_DIR) else _PACKAGED_CONFIG_DIR
+
+
+def load(name_or_path: str) -> QuantScheme:
+    """Loads a preset by name (`int8`) or a scheme from a YAML file.
+
+    Raises:
+      SchemeError: unknown preset, unreadable file, invalid YAML or scheme.
+    """
+    if isinstance(name_or_path, QuantScheme):
+        return name_or_path
+    path = name_or_path
+    if not (path.endswith((".yaml", ".yml")) or os.sep in path):
+        path = os.path.join(_config_dir(), f"{name_or_path}.yaml")
+        if not os.path.isfile(path):
+            raise SchemeError(f"unknown scheme {name_or_path!r}; presets are {', '.join(preset_names())}, "
+                              f"or give the path of a .yaml file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise SchemeError(f"{path}: cannot read scheme file ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise SchemeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return QuantScheme.from_dict(data if data is not None else {}, source=path)

@@ -1,0 +1,248 @@
+"""Float vs quantized: run TFLite models with LiteRT and measure the difference.
+
+    from qtoolkit import verify
+    tfl = verify.LiteRTModel("model_int8.tflite")
+    report = verify.compare(float_outputs, tfl.predict(x), labels=y)
+    print(verify.format_table({"float vs int8": report}))
+
+Every number comes from running the models on the data given; nothing is
+estimated.  Metrics (all on the model's real-valued outputs):
+  * SQNR (dB): 10 log10(sum(ref^2) / sum((ref - out)^2)), the paper's measure;
+  * max and mean absolute error; cosine similarity;
+  * top-1 agreement (same arg-max), and accuracy of each side when labels are given;
+  * the error in units of the output's quantization step (for the simulation gap).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """How far `candidate` outputs are from `reference` outputs.
+
+    Attributes:
+      samples: number of samples compared.
+      sqnr_db: signal-to-quantization-noise ratio in dB (inf when identical).
+      max_abs_error, mean_abs_error: absolute output errors.
+      cosine: mean cosine similarity of the per-sample output vectors.
+      top1_agreement: fraction of samples with the same arg-max (None for scalars).
+      reference_accuracy, candidate_accuracy: top-1 accuracy with labels, else None.
+      max_error_steps: max abs error divided by the output quantization step, if known.
+    """
+
+    samples: int
+    sqnr_db: float
+    max_abs_error: float
+    mean_abs_error: float
+    cosine: float
+    top1_agreement: Optional[float]
+    reference_accuracy: Optional[float] = None
+    candidate_accuracy: Optional[float] = None
+    max_error_steps: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        # JSON has no inf/NaN: write them as strings ("inf" for identical outputs).
+        return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def accuracy_drop(self) -> Optional[float]:
+        """Reference minus candidate accuracy, in points (percent), if labels were given."""
+        if self.reference_accuracy is None or self.candidate_accuracy is None:
+            return None
+        return 100.0 * (self.reference_accuracy - self.candidate_accuracy)
+
+
+def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """10 log10(signal power / noise power); inf for identical outputs."""
+    ref = np.asarray(reference, np.float64)
+    noise = float(np.sum((ref - np.asarray(candidate, np.float64)) ** 2))
+    signal = float(np.sum(ref ** 2))
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def compare(reference, candidate, labels=None, output_step: Optional[float] = None) -> Comparison:
+    """Compares two models' outputs on the same samples (samples on axis 0).
+
+    Args:
+      reference: float outputs, shape (n, ...).
+      candidate: quantized outputs, same shape.
+      labels: optional int labels (n,) for top-1 accuracy.
+      output_step: the output tensor's quantization scale, to express the
+        maximum error in steps.
+
+    Returns:
+      A Comparison.
+
+    Raises:
+      ValueError: if the shapes differ or there are no samples.
+    """
+    ref = np.asarray(reference, np.float32)
+    out = np.asarray(candidate, np.float32)
+    if ref.shape != out.shape:
+        raise ValueError(f"outputs have different shapes: {ref.shape} vs {out.shape}")
+    if ref.shape[0] == 0:
+        raise ValueError("no samples to compare")
+    n = ref.shape[0]
+    diff = np.abs(ref.astype(np.float64) - out)
+    flat_r, flat_o = ref.reshape(n, -1).astype(np.float64), out.reshape(n, -1).astype(np.float64)
+    norms = np.linalg.norm(flat_r, axis=1) * np.linalg.norm(flat_o, axis=1)
+    cos = np.where(norms > 0, np.sum(flat_r * flat_o, axis=1) / np.maximum(norms, 1e-300),
+                   np.all(flat_r == flat_o, axis=1).astype(np.float64))
+    top1 = ref_acc = out_acc = None
+    if flat_r.shape[1] > 1:
+        r_cls, o_cls = flat_r.argmax(1), flat_o.argmax(1)
+        top1 = float(np.mean(r_cls == o_cls))
+        if labels is not None:
+            y = np.asarray(labels).reshape(-1)
+            if y.shape[0] != n:
+                raise ValueError(f"{y.shape[0]} labels for {n} samples")
+            ref_acc, out_acc = float(np.mean(r_cls == y)), float(np.mean(o_cls == y))
+    return Comparison(
+        samples=n, sqnr_db=sqnr_db(ref, out), max_abs_error=float(diff.max()),
+        mean_abs_error=float(diff.mean()), cosine=float(cos.mean()), top1_agreement=top1,
+        reference_accuracy=ref_acc, candidate_accuracy=out_acc,
+        max_error_steps=None if not output_step else float(diff.max() / output_step))
+
+
+class LiteRTModel:
+    """A TFLite flatbuffer run by the LiteRT interpreter, with real-valued I/O.
+
+    Quantized inputs are quantized with the model's own input scale and
+    zero-point and quantized outputs dequantized, so callers always pass and
+    get float32.  Samples run in batches (the batch dimension is resized).
+
+    Args:
+      model: path of a .tflite file, or its bytes.
+      num_threads: interpreter threads.
+      batch_size: samples per invoke.
+    """
+
+    def __init__(self, model, num_threads: int = 1, batch_size: int = 32,
+                 preserve_all_tensors: bool = False):
+        from ai_edge_litert.interpreter import Interpreter
+
+        kwargs = {"model_content": bytes(model)} if isinstance(model, (bytes, bytearray)) else {"model_path": str(model)}
+        self._interpreter = Interpreter(num_threads=num_threads,
+                                        experimental_preserve_all_tensors=preserve_all_tensors, **kwargs)
+        self._interpreter.allocate_tensors()
+        self.batch_size = batch_size
+        self._batch = None
+
+    @property
+    def interpreter(self):
+        return self._interpreter
+
+    def input_details(self) -> list[dict]:
+        return self._interpreter.get_input_details()
+
+    def output_details(self) -> list[dict]:
+        return self._interpreter.get_output_details()
+
+    def output_step(self, index: int = 0) -> Optional[float]:
+        """Quantization scale of output `index`, or None when it is float."""
+        scale, _ = self.output_details()[index]["quantization"]
+        return float(scale) if scale else None
+
+    def _resize(self, n: int) -> None:
+        if self._batch == n:
+            return
+        for d in self.input_details():
+            self._interpreter.resize_tensor_input(d["index"], [n, *d["shape_signature"][1:]], strict=False)
+        self._interpreter.allocate_tensors()
+        self._batch = n
+
+    def predict(self, inputs, batch_size: Optional[int] = None) -> list[np.ndarray] | np.ndarray:
+        """Runs the model on float inputs; returns float outputs (a list if several)."""
+        arrays = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        details = self.input_details()
+        if len(arrays) != len(details):
+            raise ValueError(f"the model has {len(details)} inputs, got {len(arrays)} arrays")
+        n = arrays[0].shape[0]
+        bs = batch_size or self.batch_size
+        chunks = [[] for _ in self.output_details()]
+        for start in range(0, n, bs):
+            batch = [a[start:start + bs] for a in arrays]
+            self._resize(batch[0].shape[0])
+            for d, a in zip(self.input_details(), batch):
+                self._interpreter.set_tensor(d["index"], _to_tensor(a, d))
+            self._interpreter.invoke()
+            for i, d in enumerate(self.output_details()):
+                chunks[i].append(_from_tensor(self._interpreter.get_tensor(d["index"]), d))
+        outputs = [np.concatenate(c) for c in chunks]
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+def _to_tensor(x: np.ndarray, detail: Mapping) -> np.ndarray:
+    dtype = detail["dtype"]
+    scale, zero_point = detail["quantization"]
+    if np.issubdtype(dtype, np.integer) and scale:
+        info = np.iinfo(dtype)
+        q = np.round(np.asarray(x, np.float32) / scale) + zero_point
+        return np.clip(q, info.min, info.max).astype(dtype)
+    return np.asarray(x, dtype)
+
+
+def _from_tensor(t: np.ndarray, detail: Mapping) -> np.ndarray:
+    scale, zero_point = detail["quantization"]
+    if np.issubdtype(t.dtype, np.integer) and scale:
+        return ((t.astype(np.float32) - zero_point) * np.float32(scale)).astype(np.float32)
+    return np.array(t, np.float32)
+
+
+def predict_keras(model, x, batch_size: int = 64) -> np.ndarray:
+    """Runs a Keras model in batches, returning numpy (first output if several)."""
+    out = model.predict(x, batch_size=batch_size, verbose=0)
+    return out[0] if isinstance(out, list) else out
+
+
+_ROWS = (
+    ("samples", "samples", "{:d}"),
+    ("sqnr_db", "SQNR (dB)", "{:.2f}"),
+    ("max_abs_error", "max |error|", "{:.4g}"),
+    ("mean_abs_error", "mean |error|", "{:.4g}"),
+    ("cosine", "cosine similarity", "{:.6f}"),
+    ("top1_agreement", "top-1 agreement", "{:.2%}"),
+    ("reference_accuracy", "reference accuracy", "{:.2%}"),
+    ("candidate_accuracy", "candidate accuracy", "{:.2%}"),
+    ("max_error_steps", "max error (output steps)", "{:.2f}"),
+)
+
+
+def format_table(comparisons: Mapping[str, Comparison]) -> str:
+    """A plain-text table, one column per comparison, one row per metric."""
+    names = list(comparisons)
+    rows = [["metric", *names]]
+    for key, label, fmt in _ROWS:
+        values = [getattr(comparisons[n], key) for n in names]
+        if all(v is None for v in values):
+            continue
+        rows.append([label, *("-" if v is None else fmt.format(v) for v in values)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def to_json(comparisons: Mapping[str, Comparison], **extra) -> str:
+    """The comparisons (and any extra fields) as a JSON document."""
+    data = {**extra, "comparisons": {k: v.to_dict() for k, v in comparisons.items()}}
+    return json.dumps(data, indent=2, sort_keys=False, default=_json_default)
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
