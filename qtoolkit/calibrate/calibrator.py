@@ -1,0 +1,100 @@
+"""The calibration pass: representative data through the float twin, batched.
+
+    ranges = calibrate(rewritten, source, num_samples=500, scheme=scheme)
+
+Runs `rewritten.float_model` (folded, fused, no fake quant) on batches, feeds
+each activation quantizer's input to an observer, then sets every range of
+the fake-quant model.  Calibration sees float activations, as the TFLite
+converter's own calibration does, so qtoolkit and the converter differ only
+in where quantizers sit and how ranges are chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from qtoolkit.calibrate.data import Source
+from qtoolkit.calibrate.observers import make_observer
+from qtoolkit.schemes import QuantScheme
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Ranges chosen for each activation quantizer, and what it took.
+
+    Attributes:
+      ranges: quantizer name -> (min, max) as assigned (after sanitizing).
+      samples: number of samples run.
+      seconds: wall time of the pass.
+      method: range method used.
+    """
+
+    ranges: dict
+    samples: int
+    seconds: float
+    method: str
+
+
+def calibrate(rewritten, source: Source, num_samples: int, scheme: QuantScheme, batch_size: int = 32,
+              progress: bool = True) -> Calibration:
+    """Calibrates every activation range of `rewritten.model` (see module docstring)."""
+    if scheme.activations is None:
+        return Calibration({}, 0, 0.0, "none")
+    start = time.perf_counter()
+    n_out = len(rewritten.model.outputs)
+    names = rewritten.quant_points
+    fixed = set(rewritten.fixed_points)
+    all_names = [n for n in _probe_names(rewritten)]
+    observers = {n: make_observer(scheme.activations) for n in names}
+
+    @tf.function(reduce_retracing=True)
+    def run(inputs):
+        return rewritten.float_model(inputs, training=False)
+
+    bar = _progress(num_samples, progress)
+    seen = 0
+    for batch in source.take(num_samples, batch_size):
+        outputs = run(batch if len(batch) > 1 else batch[0])
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        for name, tensor in zip(all_names, outputs[n_out:]):
+            if name not in fixed:
+                observers[name].update(tensor.numpy())
+        seen += batch[0].shape[0]
+        bar.update(batch[0].shape[0])
+    bar.close()
+    ranges = {}
+    for name in names:
+        layer = rewritten.model.get_layer(name)
+        layer.set_range(*observers[name].range())
+        ranges[name] = layer.get_range()
+    for name in fixed:
+        ranges[name] = rewritten.model.get_layer(name).get_range()
+    return Calibration(ranges, seen, time.perf_counter() - start, scheme.activations.method)
+
+
+def _probe_names(rewritten) -> list[str]:
+    """Quantizer names in the float twin's extra-output order (fixed ones included)."""
+    order = getattr(rewritten, "probe_order", None)
+    return order if order is not None else rewritten.quant_points
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="calibrating", unit="sample", file=sys.stderr, leave=False,
+                disable=None)  # disable=None: off when stderr is not a terminal

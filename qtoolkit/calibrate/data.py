@@ -1,0 +1,227 @@
+"""Representative data: arrays, .npy/.npz files, image folders, tf.data, generators.
+
+    src = open_source("calib.npy", specs)          # specs: [(name, shape, dtype)] of the model inputs
+    for batch in src.take(500, batch_size=32):     # a list with one array per model input
+        ...
+    held_out = src.collect(200)                    # the next 200 samples, in memory
+
+A source is a cursor over samples: `take` streams batches from where the
+previous call stopped, so calibration and verification never overlap.
+`.npy` files are memory-mapped (read batch by batch, never whole).  Each batch
+is checked against the model's inputs (rank, shape, numeric dtype, NaN/Inf);
+a problem raises `DataError` naming the input, the sample and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+
+class DataError(ValueError):
+    """Calibration or verification data that does not fit the model."""
+
+
+Spec = tuple  # (name, shape with batch axis, dtype)
+
+
+def _check(arrays: list[np.ndarray], specs: Sequence[Spec], where: str, offset: int) -> list[np.ndarray]:
+    if len(arrays) != len(specs):
+        raise DataError(f"{where}: the model has {len(specs)} inputs ({', '.join(s[0] for s in specs)}) "
+                        f"but the data gives {len(arrays)}; give an .npz with one array per input name")
+    out = []
+    for a, (name, shape, dtype) in zip(arrays, specs):
+        a = np.asarray(a)
+        if a.dtype.kind not in "fiub" or a.dtype == np.bool_:
+            raise DataError(f"{where}: input {name!r} has dtype {a.dtype}; calibration data must be numeric "
+                            "(float32, already preprocessed as the model expects)")
+        want = tuple(shape[1:])
+        if a.ndim != len(want) + 1 or any(w is not None and w != s for w, s in zip(want, a.shape[1:])):
+            raise DataError(f"{where}: input {name!r} expects samples of shape "
+                            f"{tuple('?' if w is None else w for w in want)} (array shape (N, "
+                            f"{', '.join('?' if w is None else str(w) for w in want)})), got array shape "
+                            f"{a.shape}; samples go on axis 0, preprocessed as the model expects")
+        if a.dtype.kind == "f":
+            bad = ~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise DataError(f"{where}: input {name!r} has NaN or Inf in sample {offset + i}; "
+                                "remove or repair those samples")
+        out.append(a.astype(np.float32) if np.dtype(dtype).kind == "f" else a.astype(dtype))
+    return out
+
+
+class Source:
+    """A cursor over samples (see the module docstring)."""
+
+    def __init__(self, specs: Sequence[Spec], description: str, num_samples: Optional[int]):
+        self.specs = list(specs)
+        self.description = description
+        self.num_samples = num_samples
+        self.position = 0
+
+    def _next(self, n: int) -> Optional[list[np.ndarray]]:
+        raise NotImplementedError
+
+    def take(self, n: int, batch_size: int = 32) -> Iterator[list[np.ndarray]]:
+        """Yields batches totalling `n` samples; DataError if the data runs out first."""
+        remaining = n
+        while remaining > 0:
+            batch = self._next(min(batch_size, remaining))
+            if batch is None or batch[0].shape[0] == 0:
+                raise DataError(f"{self.description}: only {self.position} samples available, but "
+                                f"{self.position + remaining} were needed; give more data or ask for fewer "
+                                "samples (--num_calibration_samples / --num_verification_samples)")
+            batch = _check(batch, self.specs, self.description, self.position)
+            self.position += batch[0].shape[0]
+            remaining -= batch[0].shape[0]
+            yield batch
+
+    def collect(self, n: int, batch_size: int = 256) -> list[np.ndarray]:
+        """The next `n` samples as one array per input."""
+        parts = list(self.take(n, batch_size))
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(self.specs))]
+
+
+class ArraySource(Source):
+    """Arrays (or memory-mapped .npy files), one per model input."""
+
+    def __init__(self, arrays: list[np.ndarray], specs, description):
+        lengths = {len(a) for a in arrays}
+        if len(arrays) != len(specs):
+            _check([a[:1] for a in arrays], specs, description, 0)
+        if len(lengths) != 1:
+            raise DataError(f"{description}: inputs have different numbers of samples {sorted(lengths)}")
+        n = lengths.pop()
+        if n == 0:
+            raise DataError(f"{description}: no samples (the array is empty)")
+        super().__init__(specs, description, n)
+        self.arrays = arrays
+
+    def _next(self, n):
+        if self.position >= self.num_samples:
+            return None
+        return [np.asarray(a[self.position:self.position + n]) for a in self.arrays]
+
+
+class IterableSource(Source):
+    """A tf.data.Dataset or a generator of batches (or of single samples)."""
+
+    def __init__(self, iterable, specs, description):
+        super().__init__(specs, description, None)
+        self._it = iter(iterable)
+        self._pending: Optional[list[np.ndarray]] = None
+
+    def _pull(self):
+        try:
+            item = next(self._it)
+        except StopIteration:
+            return None
+        if isinstance(item, dict):
+            item = [item[s[0]] for s in self.specs] if all(s[0] in item for s in self.specs) else list(item.values())
+        elif isinstance(item, (list, tuple)):
+            item = list(item)[:len(self.specs)] if len(self.specs) == 1 and len(item) == 2 and \
+                np.ndim(item[1]) <= 1 else list(item)   # (x, y) pairs: keep x
+        else:
+            item = [item]
+        item = [np.asarray(getattr(a, "numpy", lambda a=a: a)()) for a in item]
+        # Single samples (no batch axis) get one.
+        return [a[None] if a.ndim == len(s[1]) - 1 else a for a, s in zip(item, self.specs)]
+
+    def _next(self, n):
+        if self._pending is None:
+            self._pending = self._pull()
+            if self._pending is None:
+                return None
+        batch = [a[:n] for a in self._pending]
+        rest = [a[n:] for a in self._pending]
+        self._pending = rest if rest[0].shape[0] else None
+        return batch
+
+
+def _load_images(folder: str, spec: Spec, image_size, scale) -> np.ndarray:
+    import tensorflow as tf
+
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise DataError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
+    _, shape, _ = spec
+    if len(shape) != 4:
+        raise DataError(f"{folder}: a folder of images needs a model with one image input (N, H, W, C), "
+                        f"the model's input has shape {shape}")
+    h, w = image_size or shape[1:3]
+    if h is None or w is None:
+        raise DataError(f"{folder}: the model input has no fixed size; give --image_size HxW")
+    channels = shape[3] or 3
+    out = np.empty((len(files), h, w, channels), np.float32)
+    for i, f in enumerate(files):
+        try:
+            img = tf.io.decode_image(tf.io.read_file(os.path.join(folder, f)), channels=channels,
+                                     expand_animations=False)
+        except Exception as e:  # noqa: BLE001  (TF raises several types)
+            raise DataError(f"{folder}/{f}: cannot decode image ({type(e).__name__})") from None
+        out[i] = tf.image.resize(tf.cast(img, tf.float32), (h, w)).numpy()
+    lo, hi = scale
+    return out / 255.0 * (hi - lo) + lo
+
+
+def open_source(data: Any, specs: Sequence[Spec], image_size=None, image_scale=(0.0, 1.0)) -> Source:
+    """Opens calibration data for a model with inputs `specs`.
+
+    Args:
+      data: a numpy array; a list/tuple/dict of arrays (one per input); a path
+        to a .npy (one input), a .npz (arrays named like the inputs, or a single
+        array) or a folder of images; a tf.data.Dataset; or an iterable /
+        generator of batches.
+      specs: (name, shape, dtype) of each model input.
+      image_size: (height, width) for image folders (default: the model's).
+      image_scale: the real range pixel values 0..255 are mapped to.
+
+    Raises:
+      DataError: missing, unreadable or mismatched data.
+    """
+    if isinstance(data, np.ndarray):
+        return ArraySource([data], specs, "calibration array")
+    if isinstance(data, dict):
+        missing = [s[0] for s in specs if s[0] not in data]
+        if missing:
+            raise DataError(f"calibration data has no array for input(s) {', '.join(missing)}; "
+                            f"keys given: {', '.join(map(str, data))}")
+        return ArraySource([np.asarray(data[s[0]]) for s in specs], specs, "calibration arrays")
+    if isinstance(data, (list, tuple)) and data and all(isinstance(a, np.ndarray) for a in data):
+        return ArraySource(list(data), specs, "calibration arrays")
+    if isinstance(data, (str, os.PathLike)):
+        path = os.fspath(data)
+        if not os.path.exists(path):
+            raise DataError(f"calibration data {path!r} does not exist; give a .npy, .npz or a folder of images")
+        if os.path.isdir(path):
+            return ArraySource([_load_images(path, specs[0], image_size, image_scale)], specs, path)
+        try:
+            if path.endswith(".npz"):
+                with np.load(path, allow_pickle=False) as npz:
+                    arrays = {k: npz[k] for k in npz.files}
+                if len(arrays) == 1 and len(specs) == 1:
+                    return ArraySource(list(arrays.values()), specs, path)
+                missing = [s[0] for s in specs if s[0] not in arrays]
+                if missing:
+                    raise DataError(f"{path}: no array named {', '.join(missing)} (the model's input names); "
+                                    f"the file has {', '.join(arrays) or 'no arrays'}")
+                return ArraySource([arrays[s[0]] for s in specs], specs, path)
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except DataError:
+            raise
+        except (ValueError, OSError, EOFError) as e:
+            raise DataError(f"{path}: not a readable .npy/.npz file ({str(e).splitlines()[0]})") from None
+        if not isinstance(array, np.ndarray):
+            raise DataError(f"{path}: expected a .npy array")
+        if array.ndim == 0:
+            raise DataError(f"{path}: holds a scalar, expected samples on axis 0")
+        return ArraySource([array], specs, path)
+    if hasattr(data, "__iter__") or hasattr(data, "__next__"):
+        return IterableSource(data, specs, type(data).__name__)
+    raise DataError(f"unsupported calibration data of type {type(data).__name__}; give arrays, a .npy/.npz "
+                    "path, a folder of images, a tf.data.Dataset or a generator")

@@ -1,0 +1,171 @@
+"""`python -m qtoolkit.convert`: a trained model -> a verified int8 TFLite model.
+
+    python -m qtoolkit.convert --model model.keras --output model_int8.tflite \\
+        --calibration_data calib.npy [--scheme int8] [--report report.json]
+
+Loads the model, rewrites it (batch norm folded, activations fused,
+fake-quant placed where TFLite quantizes), calibrates activation ranges on
+the representative data, converts with the TFLite converter, inspects the
+flatbuffer and verifies it against the float model with the LiteRT
+interpreter on held-out samples.  Exit code 0 on success, 1 when the input
+is bad or conversion fails (one line says what and how to fix it), 2 on
+wrong usage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from qtoolkit import _env  # noqa: F401  (before TensorFlow)
+
+from absl import app, flags
+
+_MODEL = flags.DEFINE_string("model", None, "SavedModel folder, .keras or .h5 file (tf_keras / Keras 2).")
+_OUTPUT = flags.DEFINE_string("output", None, "Where to write the .tflite (atomically).")
+_CALIBRATION = flags.DEFINE_string(
+    "calibration_data", None,
+    ".npy (samples on axis 0, preprocessed as the model expects), .npz (one array per input name) "
+    "or a folder of images.")
+_SCHEME = flags.DEFINE_string("scheme", "int8", "Preset name (int8, int8_per_tensor, int16x8, weight_only_int8, "
+                              "w4a8, w8a4) or a scheme .yaml file.")
+_REPORT = flags.DEFINE_string("report", None, "Write the inspection and verification report as JSON here.")
+_NUM_CAL = flags.DEFINE_integer("num_calibration_samples", None,
+                                "Calibration samples (default: up to 500, leaving the verification samples).")
+_NUM_VER = flags.DEFINE_integer("num_verification_samples", None,
+                                "Held-out samples for verification (default: up to 200, after the calibration ones).")
+_VER_DATA = flags.DEFINE_string("verification_data", None,
+                                "Separate verification inputs (.npy/.npz) instead of held-out calibration data.")
+_LABELS = flags.DEFINE_string("labels", None, "Integer labels (.npy) of the verification samples, for accuracy.")
+_RANGE = flags.DEFINE_enum("range_method", None, ["minmax", "ema", "percentile", "mse", "entropy"],
+                           "Override the scheme's activation range method.")
+_IO = flags.DEFINE_enum("io_dtype", "int8", ["int8", "uint8", "float32"], "Model input/output dtype.")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Calibration batch size.")
+_STRICT = flags.DEFINE_bool("strict", False, "Fail if any layer would stay in float.")
+_IMAGE_SIZE = flags.DEFINE_string("image_size", None, "HxW to resize images of a folder to (default: the model's).")
+_IMAGE_SCALE = flags.DEFINE_string("image_scale", "0,1", "Real range pixel values 0..255 map to, e.g. -1,1.")
+_UNSAFE = flags.DEFINE_bool("allow_unsafe_deserialization", False,
+                            "Allow models with serialized Python code (Lambda layers). Only for trusted files.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show Python tracebacks and TensorFlow logs on errors.")
+
+
+class UsageError(ValueError):
+    """Bad flag values."""
+
+
+def _pair(text, name, cast):
+    try:
+        a, b = text.replace("x", ",").split(",")
+        return cast(a), cast(b)
+    except ValueError:
+        raise UsageError(f"--{name} must look like {'224x224' if cast is int else '0,1'}, got {text!r}") from None
+
+
+def run(model: str, output: str, calibration_data: str, scheme: str = "int8", report: str | None = None,
+        num_calibration_samples=None, num_verification_samples=None, verification_data=None, labels=None,
+        range_method=None, io_dtype="int8", batch_size=32, strict=False, image_size=None, image_scale="0,1",
+        allow_unsafe=False, out=None):
+    """Runs the conversion (what the command line does); returns the PTQResult.
+
+    Raises the toolkit's errors (see pipeline.ptq); `main` turns them into one line.
+    """
+    import numpy as np
+
+    from qtoolkit import export, pipeline
+
+    out = out or sys.stdout
+    if report:
+        folder = os.path.dirname(os.path.abspath(report))
+        if not os.path.isdir(folder):
+            raise export.ExportError(f"report folder {folder} does not exist; create it first")
+    y = None
+    if labels:
+        try:
+            y = np.load(labels, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--labels {labels}: cannot read ({str(e).splitlines()[0]})") from None
+    size = _pair(image_size, "image_size", int) if image_size else None
+    result = pipeline.ptq(
+        model, calibration_data, scheme, output, num_calibration_samples=num_calibration_samples,
+        num_verification_samples=num_verification_samples, verification_data=verification_data, labels=y,
+        range_method=range_method, io_dtype=io_dtype, batch_size=batch_size, strict=strict,
+        image_size=size, image_scale=_pair(image_scale, "image_scale", float), allow_unsafe=allow_unsafe)
+    print(f"scheme {result.scheme.name}: {result.path}", file=out)
+    for note in result.notes:
+        print(f"note: {note}", file=out)
+    if result.folded:
+        print(f"folded/fused: {', '.join(result.folded)}", file=out)
+    if result.float_layers:
+        print(f"left in float: {', '.join(result.float_layers)}", file=out)
+    if result.calibration:
+        c = result.calibration
+        print(f"calibrated {len(c.ranges)} activation ranges ({c.method}) on {c.samples} samples "
+              f"in {c.seconds:.1f} s", file=out)
+    print(result.inspection.summary(), file=out)
+    print(f"wrote {output}" if output else "no --output: nothing written", file=out)
+    print(f"\nverification (LiteRT interpreter, {next(iter(result.comparisons.values())).samples} held-out "
+          "samples, first model output):", file=out)
+    print(result.table(), file=out)
+    if report:
+        from qtoolkit.export import write_atomic
+
+        write_atomic(report, (json.dumps(result.to_dict(), indent=2, default=_json_default) + "\n").encode())
+        print(f"report: {report}", file=out)
+    return result
+
+
+def _json_default(value):
+    import numpy as np
+
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, type):
+        return value.__name__
+    return str(value)
+
+
+def _known_errors():
+    from qtoolkit import calibrate, export, loading, rewrite, schemes
+
+    return (UsageError, loading.ModelLoadError, calibrate.DataError, schemes.SchemeError,
+            rewrite.UnquantizableLayersError, rewrite.UnsupportedModelError, export.ExportError)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    missing = [f"--{f.name}" for f in (_MODEL, _OUTPUT, _CALIBRATION) if not f.value]
+    if missing:
+        raise app.UsageError(f"missing required flag(s): {', '.join(missing)}")
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.INFO if _VERBOSE.value else absl_logging.ERROR)
+    logging.getLogger("tensorflow").setLevel(logging.DEBUG if _VERBOSE.value else logging.ERROR)
+    try:
+        with _env.quiet_native_stderr(enabled=not _VERBOSE.value):
+            _run_from_flags()
+    except _known_errors() as e:
+        if _VERBOSE.value:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _run_from_flags():
+    run(_MODEL.value, _OUTPUT.value, _CALIBRATION.value, _SCHEME.value, _REPORT.value, _NUM_CAL.value,
+            _NUM_VER.value, _VER_DATA.value, _LABELS.value, _RANGE.value, _IO.value, _BATCH.value, _STRICT.value,
+            _IMAGE_SIZE.value, _IMAGE_SCALE.value, _UNSAFE.value)
+
+
+def entry_point():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    entry_point()

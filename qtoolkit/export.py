@@ -1,0 +1,262 @@
+"""TFLite export with TensorFlow's converter, and flatbuffer inspection.
+
+    data = export.fake_quant_to_tflite(rewritten.model, io_dtype="int8")
+    export.write_atomic("model.tflite", data)
+    print(export.inspect(data).summary())
+
+`fake_quant_to_tflite` uses the converter's quantization-aware path: the
+model's FakeQuant ops carry the ranges qtoolkit chose, so the converter does
+not calibrate again; it turns each fake-quantized kernel into int8 weights
+(per-channel scales where the fake quant is per-channel), biases into int32
+and activations into int8 with exactly those ranges.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import os
+import tempfile
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+IO_DTYPES = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}
+TFLITE_MAX_BYTES = 2 ** 31 - 1
+WEIGHT_OPS = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 0}  # op -> output-channel axis of weights
+# Ops that move data between float and integer, or index it: not "float compute".
+_BOUNDARY_OPS = {"QUANTIZE", "DEQUANTIZE"}
+
+
+class ExportError(RuntimeError):
+    """The converter failed or the output could not be written."""
+
+
+def _converter_for(model) -> tf.lite.TFLiteConverter:
+    return tf.lite.TFLiteConverter.from_keras_model(model)
+
+
+def _convert(converter) -> bytes:
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            # The fake-quant path has no input statistics by design: the input
+            # quantizer carries the input range.
+            warnings.filterwarnings("ignore", "Statistics for quantized inputs were expected")
+            return converter.convert()
+    except Exception as e:  # noqa: BLE001  (the converter raises many types)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"the TFLite converter failed: {first}") from e
+
+
+def fake_quant_to_tflite(model, io_dtype: str = "int8") -> bytes:
+    """Converts a calibrated fake-quant Keras model to a fully-quantized flatbuffer.
+
+    Args:
+      model: the rewritten fake-quant tf_keras model.
+      io_dtype: "int8" (default), "uint8" or "float32" model inputs/outputs.
+    """
+    if io_dtype not in IO_DTYPES:
+        raise ValueError(f"io_dtype must be one of {', '.join(IO_DTYPES)}, got {io_dtype!r}")
+    with _dense_kernels_snapped(model):
+        converter = _converter_for(model)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.inference_input_type = IO_DTYPES[io_dtype]
+        converter.inference_output_type = IO_DTYPES[io_dtype]
+        return _convert(converter)
+
+
+@contextlib.contextmanager
+def _dense_kernels_snapped(model):
+    """Per-channel Dense kernels: quantized values in the variable, no FakeQuant op.
+
+    TFLite stores FULLY_CONNECTED weights transposed ([out, in]); the
+    converter cannot transpose a per-channel FakeQuant ('tfl.transpose op has
+    mismatched quantized axes'), but it quantizes a constant kernel per output
+    channel itself, symmetric with scale max|w|/127.  A kernel already on
+    qtoolkit's int8 grid comes out with the same codes.
+    """
+    from qtoolkit.rewrite.layers import FoldedConv
+
+    changed = []
+    for layer in model.layers:
+        wq = getattr(layer, "weight_quantizer", None)
+        if isinstance(layer, FoldedConv) and layer.kind == "dense" and wq is not None and wq.per_channel:
+            original = layer.kernel.numpy()
+            layer.kernel.assign(layer.quantized_kernel().numpy())
+            layer.snapped = True
+            changed.append((layer, original))
+    try:
+        yield
+    finally:
+        for layer, original in changed:
+            layer.kernel.assign(original)
+            layer.snapped = False
+
+
+def weight_only_tflite(model) -> bytes:
+    """Dynamic-range model: int8 weights (per channel), float activations."""
+    converter = _converter_for(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    return _convert(converter)
+
+
+def converter_ptq_tflite(model, representative: Callable[[], Iterable], int16x8: bool = False,
+                         io_dtype: str = "int8") -> bytes:
+    """The TFLite converter's own full-integer PTQ (it calibrates on `representative`).
+
+    Used for the int16x8 scheme (the converter has no fake-quant path for
+    16-bit activations), for models that are not tf_keras models, and as the
+    baseline qtoolkit is compared with.
+    """
+    converter = model if isinstance(model, tf.lite.TFLiteConverter) else _converter_for(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    if int16x8:
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+        io = tf.int16 if io_dtype != "float32" else tf.float32
+    else:
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+                                               tf.lite.OpsSet.TFLITE_BUILTINS]
+        io = IO_DTYPES[io_dtype]
+    converter.inference_input_type = converter.inference_output_type = io
+    return _convert(converter)
+
+
+def float_tflite(model) -> bytes:
+    """The float32 TFLite model (the latency and accuracy reference)."""
+    return _convert(_converter_for(model))
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file in the same folder and a rename.
+
+    Raises:
+      ExportError: the folder does not exist, is not writable, the path is a
+        folder, or the write fails (nothing is left behind).
+    """
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise ExportError(f"output {path} is a folder; give a file path such as {path}/model.tflite")
+    if not os.path.isdir(folder):
+        raise ExportError(f"output folder {folder} does not exist; create it first")
+    if len(data) > TFLITE_MAX_BYTES:
+        raise ExportError(f"the model is {len(data)} bytes, over the 2 GB flatbuffer limit")
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror or e}; check the folder's permissions and free space") \
+            from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightInfo:
+    """A weight tensor of a Conv2D / DepthwiseConv2D / FullyConnected op."""
+
+    op: str
+    name: str
+    dtype: str
+    channels: int
+    num_scales: int
+
+    @property
+    def per_channel(self) -> bool:
+        return self.num_scales == self.channels and self.channels > 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Inspection:
+    """What a flatbuffer contains.
+
+    Attributes:
+      size_bytes: flatbuffer size.
+      ops: op type -> count.
+      tensor_dtypes: dtype -> number of tensors.
+      float_ops: (op type, output tensor name) of every op computing in float.
+      weights: one WeightInfo per Conv/Depthwise/FullyConnected op.
+      input_dtypes, output_dtypes: the model's I/O dtypes.
+    """
+
+    size_bytes: int
+    ops: dict
+    tensor_dtypes: dict
+    float_ops: list
+    weights: list
+    input_dtypes: list
+    output_dtypes: list
+
+    @property
+    def fully_quantized(self) -> bool:
+        return not self.float_ops
+
+    @property
+    def all_weights_per_channel(self) -> bool:
+        return all(w.per_channel and w.dtype == "int8" for w in self.weights)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["fully_quantized"] = self.fully_quantized
+        data["all_weights_per_channel"] = self.all_weights_per_channel
+        return data
+
+    def summary(self) -> str:
+        ops = ", ".join(f"{k} x{v}" for k, v in sorted(self.ops.items()))
+        per_channel = sum(w.per_channel for w in self.weights)
+        lines = [f"size {self.size_bytes / 1024:.1f} KiB; ops: {ops}",
+                 f"inputs {'/'.join(self.input_dtypes)}, outputs {'/'.join(self.output_dtypes)}; "
+                 f"{per_channel}/{len(self.weights)} weight tensors with per-channel scales"]
+        if self.float_ops:
+            lines.append("float ops: " + ", ".join(f"{op} ({name})" for op, name in self.float_ops))
+        else:
+            lines.append("no float ops: every op computes in integer")
+        return "\n".join(lines)
+
+
+def inspect(data: bytes) -> Inspection:
+    """Counts ops and dtypes, lists float ops, checks weight scales per channel."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(model_content=bytes(data),
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    ops = collections.Counter()
+    float_ops, weights = [], []
+    for op in interpreter._get_ops_details():
+        name = op["op_name"]
+        ops[name] += 1
+        ins = [tensors[i] for i in op["inputs"] if i >= 0]
+        outs = [tensors[i] for i in op["outputs"]]
+        if name not in _BOUNDARY_OPS and any(t["dtype"] == np.float32 for t in ins + outs):
+            float_ops.append((name, outs[0]["name"] if outs else ""))
+        if name in WEIGHT_OPS and len(ins) > 1:
+            w = ins[1]
+            axis = WEIGHT_OPS[name]
+            channels = int(w["shape"][axis]) if len(w["shape"]) > axis else 1
+            weights.append(WeightInfo(name, w["name"], np.dtype(w["dtype"]).name, channels,
+                                      len(w["quantization_parameters"]["scales"])))
+    return Inspection(
+        size_bytes=len(data), ops=dict(ops),
+        tensor_dtypes=dict(collections.Counter(np.dtype(t["dtype"]).name for t in tensors.values())),
+        float_ops=float_ops, weights=weights,
+        input_dtypes=[np.dtype(d["dtype"]).name for d in interpreter.get_input_details()],
+        output_dtypes=[np.dtype(d["dtype"]).name for d in interpreter.get_output_details()])
+
+
+def float_tflite_saved_model(path: str) -> bytes:
+    """The float32 TFLite model of a SavedModel (the reference when there is no Keras model)."""
+    return _convert(tf.lite.TFLiteConverter.from_saved_model(path))

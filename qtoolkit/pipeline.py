@@ -1,0 +1,239 @@
+"""The post-training quantization front door: model -> rewrite -> calibrate -> export -> verify.
+
+    import qtoolkit
+    result = qtoolkit.ptq("model.keras", "calib.npy", scheme="int8", output="model_int8.tflite")
+    print(result.table())
+
+Returns a frozen `PTQResult` with the flatbuffer, its inspection, the ranges
+chosen, and the verification measured on held-out samples (by default the
+samples that follow the calibration samples in the data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+from qtoolkit import calibrate as cal
+from qtoolkit import export, rewrite, verify
+from qtoolkit.loading import LoadedModel, load_model
+from qtoolkit.schemes import QuantScheme, load as load_scheme
+
+DEFAULT_CALIBRATION_SAMPLES = 500
+DEFAULT_VERIFICATION_SAMPLES = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class PTQResult:
+    """What `ptq` produced and measured.
+
+    Attributes:
+      tflite: the flatbuffer bytes.
+      output: where it was written, or None.
+      scheme: the scheme used.
+      path: which conversion path was taken, in words.
+      notes: what the path could not do, or other caveats.
+      inspection: export.Inspection of the flatbuffer.
+      calibration: cal.Calibration, or None when the converter calibrated.
+      comparisons: name -> verify.Comparison.
+      folded: fused patterns; float_layers: layers left in float.
+      seconds: stage -> wall time.
+    """
+
+    tflite: bytes
+    output: Optional[str]
+    scheme: QuantScheme
+    path: str
+    notes: tuple
+    inspection: export.Inspection
+    calibration: Optional[cal.Calibration]
+    comparisons: dict
+    folded: tuple
+    float_layers: tuple
+    seconds: dict
+
+    def table(self) -> str:
+        return verify.format_table(self.comparisons)
+
+    def to_dict(self) -> dict:
+        return {
+            "output": self.output, "scheme": self.scheme.to_dict(), "path": self.path, "notes": list(self.notes),
+            "inspection": self.inspection.to_dict(),
+            "calibration": None if self.calibration is None else {
+                "samples": self.calibration.samples, "method": self.calibration.method,
+                "seconds": self.calibration.seconds,
+                "ranges": {k: list(v) for k, v in self.calibration.ranges.items()}},
+            "comparisons": {k: v.to_dict() for k, v in self.comparisons.items()},
+            "folded": list(self.folded), "float_layers": list(self.float_layers), "seconds": self.seconds,
+        }
+
+
+def _first(outputs):
+    return outputs[0] if isinstance(outputs, list) else outputs
+
+
+def ptq(model: Any, calibration_data: Any, scheme: Any = "int8", output: Optional[str] = None, *,
+        num_calibration_samples: Optional[int] = None, num_verification_samples: Optional[int] = None,
+        verification_data: Any = None, labels: Optional[np.ndarray] = None, range_method: Optional[str] = None,
+        io_dtype: str = "int8", batch_size: int = 32, strict: bool = False, progress: bool = True,
+        image_size=None, image_scale=(0.0, 1.0), allow_unsafe: bool = False, log=print) -> PTQResult:
+    """Post-training quantization of a model, verified with the LiteRT interpreter.
+
+    Args:
+      model: a tf_keras model, or the path of a SavedModel folder / .keras / .h5 file.
+      calibration_data: see `calibrate.open_source` (arrays, .npy/.npz, image folder, dataset, generator).
+      scheme: a preset name, a YAML path or a QuantScheme.
+      output: where to write the .tflite (atomically), or None.
+      num_calibration_samples: samples for calibration (default: up to 500,
+        leaving the verification samples).
+      num_verification_samples: held-out samples for verification (default:
+        up to 200, taken after the calibration samples).
+      verification_data: separate verification inputs (instead of held-out calibration data).
+      labels: labels of the verification samples, for accuracy.
+      range_method: overrides the scheme's activation range method.
+      io_dtype: "int8", "uint8" or "float32" model inputs and outputs.
+      batch_size: calibration batch size.
+      strict: fail if some layer would stay float.
+      progress: show progress bars.
+      image_size, image_scale: for image-folder data.
+      allow_unsafe: allow loading models with serialized Python code.
+      log: where progress messages go (print, or a logger's info).
+
+    Raises:
+      loading.ModelLoadError, calibrate.DataError, schemes.SchemeError,
+      rewrite.UnquantizableLayersError, export.ExportError, ValueError.
+    """
+    seconds = {}
+    t0 = time.perf_counter()
+    scheme = load_scheme(scheme) if not isinstance(scheme, QuantScheme) else scheme
+    if range_method:
+        if scheme.activations is None:
+            raise ValueError(f"scheme {scheme.name!r} has no activation quantization; --range_method does not apply")
+        scheme = scheme.replace(activations={"method": range_method})
+    if io_dtype not in export.IO_DTYPES:
+        raise ValueError(f"io_dtype must be one of {', '.join(export.IO_DTYPES)}, got {io_dtype!r}")
+    loaded = model if isinstance(model, LoadedModel) else (
+        load_model(model, allow_unsafe) if isinstance(model, str) else LoadedModel("<in memory>", model, "keras"))
+    keras_model = loaded.keras_model
+    if keras_model is not None:
+        specs = [(t.name.split(":")[0], tuple(t.shape), t.dtype.as_numpy_dtype) for t in keras_model.inputs]
+    else:
+        specs = _saved_model_specs(loaded.path)
+    seconds["load"] = time.perf_counter() - t0
+
+    source = cal.open_source(calibration_data, specs, image_size, image_scale)
+    n_cal, n_ver = _split(source, num_calibration_samples, num_verification_samples, verification_data is not None)
+    notes = []
+    calibration = None
+    rewritten = None
+    t1 = time.perf_counter()
+    if keras_model is None:
+        path = "TFLite converter calibration (not a Keras model)"
+        notes.append("the model is a SavedModel without Keras metadata: converted with the TFLite converter's own "
+                     "calibration; qtoolkit's rewriter, range methods and simulation gap are not available")
+        import tensorflow as tf
+
+        converter = tf.lite.TFLiteConverter.from_saved_model(loaded.path)
+        data = export.converter_ptq_tflite(converter, _representative(source, n_cal), io_dtype=io_dtype,
+                                           int16x8=scheme.activations is not None and scheme.activations.bits == 16)
+    elif scheme.weight_only:
+        path = "dynamic range (int8 weights, float activations)"
+        data = export.weight_only_tflite(keras_model)
+        source.collect(n_cal) if verification_data is None and n_cal else None
+    elif scheme.activations.bits == 16:
+        path = "TFLite converter int16x8 calibration"
+        notes.append("int16x8: the converter has no fake-quant path for 16-bit activations, so it calibrates "
+                     "activation ranges itself (min/max) on the same samples; int16 kernels are reference "
+                     "kernels (slow on CPU)")
+        data = export.converter_ptq_tflite(keras_model, _representative(source, n_cal), int16x8=True,
+                                           io_dtype=io_dtype)
+    else:
+        path = "qtoolkit rewrite + calibration, TFLite converter (fake-quant path)"
+        rewritten = rewrite.rewrite(keras_model, scheme, strict=strict)
+        seconds["rewrite"] = time.perf_counter() - t1
+        calibration = cal.calibrate(rewritten, source, n_cal, scheme, batch_size, progress)
+        seconds["calibrate"] = calibration.seconds
+        t2 = time.perf_counter()
+        data = export.fake_quant_to_tflite(rewritten.model, io_dtype)
+        seconds["convert"] = time.perf_counter() - t2
+        if scheme.weights.bits < 8 or scheme.activations.bits < 8:
+            notes.append(f"{scheme.weights.bits}-bit weights / {scheme.activations.bits}-bit activations are "
+                         "stored in int8 tensors with the lower-bit grid's scales")
+    if "convert" not in seconds:
+        seconds["convert"] = time.perf_counter() - t1
+    inspection = export.inspect(data)
+
+    t3 = time.perf_counter()
+    if verification_data is not None:
+        ver = cal.open_source(verification_data, specs).collect(n_ver)
+    else:
+        ver = source.collect(n_ver)
+    tfl = verify.LiteRTModel(data)
+    tfl_out = _first(tfl.predict(ver))
+    if keras_model is not None:
+        float_out = _first(keras_model.predict(ver if len(ver) > 1 else ver[0], batch_size=64, verbose=0))
+    else:
+        float_out = _first(verify.LiteRTModel(export.float_tflite_saved_model(loaded.path)).predict(ver))
+    y = None if labels is None else np.asarray(labels)[:n_ver]
+    step = tfl.output_step()
+    comparisons = {"float vs TFLite": verify.compare(float_out, tfl_out, y, step)}
+    if rewritten is not None:
+        sim_out = _first(rewritten.model.predict(ver if len(ver) > 1 else ver[0], batch_size=64, verbose=0))
+        comparisons["float vs simulated"] = verify.compare(float_out, sim_out, y, step)
+        comparisons["simulated vs TFLite"] = verify.compare(sim_out, tfl_out, y, step)
+    seconds["verify"] = time.perf_counter() - t3
+    if output:
+        export.write_atomic(output, data)
+    seconds["total"] = time.perf_counter() - t0
+    return PTQResult(data, output, scheme, path, tuple(notes), inspection, calibration, comparisons,
+                     tuple(rewritten.folded) if rewritten else (), tuple(rewritten.float_layers) if rewritten else (),
+                     seconds)
+
+
+def _split(source, n_cal, n_ver, separate_verification: bool) -> tuple[int, int]:
+    """Numbers of calibration and verification samples (see `ptq`)."""
+    for name, value in (("num_calibration_samples", n_cal), ("num_verification_samples", n_ver)):
+        if value is not None and value < 1:
+            raise cal.DataError(f"{name} must be at least 1, got {value}")
+    n = source.num_samples
+    if n is None:
+        return n_cal or DEFAULT_CALIBRATION_SAMPLES // 2, n_ver or DEFAULT_VERIFICATION_SAMPLES // 2
+    if separate_verification:
+        n_ver = n_ver or DEFAULT_VERIFICATION_SAMPLES
+        n_cal = n_cal or min(DEFAULT_CALIBRATION_SAMPLES, n)
+        if n_cal > n:
+            raise cal.DataError(f"{source.description}: {n} samples, fewer than the {n_cal} calibration samples "
+                                "asked for; give more data or lower --num_calibration_samples")
+        return n_cal, n_ver
+    if n < 2:
+        raise cal.DataError(f"{source.description}: {n} sample; give at least 2 (calibration + verification)")
+    n_ver = n_ver or max(1, min(DEFAULT_VERIFICATION_SAMPLES, n // 5))
+    n_cal = n_cal or min(DEFAULT_CALIBRATION_SAMPLES, n - n_ver)
+    if n_cal + n_ver > n:
+        raise cal.DataError(f"{source.description}: {n} samples, fewer than the {n_cal} calibration + {n_ver} "
+                            "verification samples asked for; give more data or lower "
+                            "--num_calibration_samples / --num_verification_samples")
+    return n_cal, n_ver
+
+
+def _representative(source, n):
+    """The converter's representative_dataset: one sample per call, from the stream."""
+    def gen():
+        for batch in source.take(n, 32):
+            for i in range(batch[0].shape[0]):
+                yield [a[i:i + 1] for a in batch]
+    return gen
+
+
+def _saved_model_specs(path):
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(path)
+    fn = loaded.signatures.get("serving_default")
+    if fn is None:
+        raise ValueError(f"{path}: the SavedModel has no serving_default signature")
+    specs = fn.structured_input_signature[1]
+    return [(name, tuple(spec.shape), spec.dtype.as_numpy_dtype) for name, spec in sorted(specs.items())]

@@ -1,0 +1,231 @@
+"""Keras layers the rewriter builds: fake-quant quantizers and folded ops.
+
+    q = RangeQuantizer(bits=8, symmetric=False, narrow_range=False)
+    layer = QuantizeActivation(q, name="conv1/act_quant")   # y = fake_quant(x)
+    conv = FoldedConv(kind="conv2d", kernel=k, bias=b, activation="relu6",
+                      weight_quantizer=RangeQuantizer(8, True, True, per_channel=True),
+                      strides=(1, 1), padding="same")
+
+`RangeQuantizer` implements TFMOT's `Quantizer` interface (build / __call__ /
+get_config), so it also plugs into TFMOT's `QuantizeConfig` and
+`QuantizeWrapperV2`; its ranges are non-trainable variables that calibration
+(or, for QAT, an EMA) sets.  `FoldedConv` is what TFMOT lacks: one layer for
+Conv2D / DepthwiseConv2D / Dense with a batch norm folded in and its
+activation fused, whose kernel is fake-quantized per output channel (for
+depthwise kernels over in*multiplier, as TFLite stores them).
+
+All layers serialize through get_config/from_config; `custom_objects()` is
+the scope to load a saved quantized model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+from tensorflow_model_optimization.quantization.keras import quantizers as tfmot_quantizers
+
+from qtoolkit import quantizers as q
+
+FUSABLE_ACTIVATIONS = ("linear", "relu", "relu6")
+
+
+class RangeQuantizer(tfmot_quantizers.Quantizer):
+    """Fake quantization with a stored range (TFMOT `Quantizer` interface).
+
+    Args:
+      bits: 2 to 16.
+      symmetric: the range is [-a, a] (set by whoever assigns the range).
+      narrow_range: drop the lowest code.
+      per_channel: one range per channel along the last axis.
+      channels: number of channels when per_channel.
+      enabled: when False the quantizer is the identity (float).
+    """
+
+    def __init__(self, bits=8, symmetric=False, narrow_range=False, per_channel=False, channels=None,
+                 enabled=True):
+        q.check_bits(bits)
+        self.bits, self.symmetric, self.narrow_range = bits, symmetric, narrow_range
+        self.per_channel, self.channels, self.enabled = per_channel, channels, enabled
+
+    def build(self, tensor_shape, name, layer):
+        shape = (self.channels,) if self.per_channel else ()
+        lo = layer.add_weight(f"{name}_min", shape=shape, initializer=keras.initializers.Constant(-6.0),
+                              trainable=False)
+        hi = layer.add_weight(f"{name}_max", shape=shape, initializer=keras.initializers.Constant(6.0),
+                              trainable=False)
+        return {"min": lo, "max": hi}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        if not self.enabled:
+            return inputs
+        return q.tf_fake_quant(inputs, weights["min"], weights["max"], self.bits, self.narrow_range,
+                               axis=-1 if self.per_channel else None)
+
+    def assign_range(self, weights, lo, hi) -> None:
+        """Sets the range (made quantizable: includes 0, symmetric if asked)."""
+        lo, hi = q.sanitize_range(lo, hi, self.symmetric)
+        weights["min"].assign(np.broadcast_to(lo, weights["min"].shape))
+        weights["max"].assign(np.broadcast_to(hi, weights["max"].shape))
+
+    def get_config(self):
+        return {"bits": self.bits, "symmetric": self.symmetric, "narrow_range": self.narrow_range,
+                "per_channel": self.per_channel, "channels": self.channels, "enabled": self.enabled}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return isinstance(other, RangeQuantizer) and self.get_config() == other.get_config()
+
+    def __ne__(self, other):
+        return not self == other
+
+
+class QuantizeActivation(keras.layers.Layer):
+    """Fake-quantizes a tensor with a calibrated per-tensor range.
+
+    Args:
+      quantizer: a RangeQuantizer (per-tensor).
+      fixed_range: (min, max) for ops whose output range TFLite fixes
+        (softmax, logistic, tanh); calibration leaves it alone.
+    """
+
+    def __init__(self, quantizer=None, fixed_range=None, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(quantizer, dict):
+            quantizer = RangeQuantizer.from_config(quantizer)
+        self.quantizer = quantizer or RangeQuantizer()
+        self.fixed_range = tuple(fixed_range) if fixed_range is not None else None
+
+    def build(self, input_shape):
+        self.range = self.quantizer.build(input_shape, "output", self)
+        if self.fixed_range is not None:
+            self.range["min"].assign(self.fixed_range[0])
+            self.range["max"].assign(self.fixed_range[1])
+        super().build(input_shape)
+
+    def call(self, inputs, training=None):
+        return self.quantizer(inputs, training, self.range)
+
+    def set_range(self, lo, hi) -> None:
+        if self.fixed_range is None:
+            self.quantizer.assign_range(self.range, lo, hi)
+
+    def get_range(self) -> tuple[float, float]:
+        return float(self.range["min"].numpy()), float(self.range["max"].numpy())
+
+    def get_config(self):
+        return {**super().get_config(), "quantizer": self.quantizer.get_config(),
+                "fixed_range": self.fixed_range}
+
+
+class FoldedConv(keras.layers.Layer):
+    """Conv2D / DepthwiseConv2D / Dense with folded batch norm and fused activation.
+
+    The kernel is fake-quantized (per output channel or per tensor) before
+    the op, exactly as the TFLite kernel will hold it.
+
+    Args:
+      kind: "conv2d", "depthwise" or "dense".
+      kernel_shape: shape of the (folded) kernel.
+      units: output channels.
+      activation: "linear", "relu" or "relu6".
+      weight_quantizer: RangeQuantizer for the kernel, or None for float.
+      strides, padding, dilation_rate: as in Keras (conv kinds only).
+    """
+
+    def __init__(self, kind, kernel_shape, units, activation="linear", weight_quantizer=None,
+                 strides=(1, 1), padding="valid", dilation_rate=(1, 1), **kwargs):
+        super().__init__(**kwargs)
+        if kind not in ("conv2d", "depthwise", "dense"):
+            raise ValueError(f"kind must be conv2d, depthwise or dense, got {kind!r}")
+        if activation not in FUSABLE_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {FUSABLE_ACTIVATIONS}, got {activation!r}")
+        if isinstance(weight_quantizer, dict):
+            weight_quantizer = RangeQuantizer.from_config(weight_quantizer)
+        self.kind, self.kernel_shape, self.units = kind, tuple(kernel_shape), int(units)
+        self.activation = activation
+        self.weight_quantizer = weight_quantizer
+        self.strides, self.padding = tuple(strides), padding
+        self.dilation_rate = tuple(dilation_rate)
+        # Set by the exporter: the kernel variable already holds quantized values.
+        self.snapped = False
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight("kernel", shape=self.kernel_shape, trainable=True,
+                                      initializer="glorot_uniform")
+        self.bias = self.add_weight("bias", shape=(self.units,), trainable=True, initializer="zeros")
+        if self.weight_quantizer is not None:
+            self.kernel_range = self.weight_quantizer.build(self.kernel_shape, "kernel", self)
+        super().build(input_shape)
+
+    def quantized_kernel(self, training=None):
+        """The kernel as the op sees it (fake-quantized when a quantizer is set)."""
+        k = self.kernel
+        if self.weight_quantizer is None or self.snapped:
+            return k
+        if self.kind == "depthwise":
+            flat = tf.reshape(k, (*self.kernel_shape[:2], self.units))
+            return tf.reshape(self.weight_quantizer(flat, training, self.kernel_range), self.kernel_shape)
+        return self.weight_quantizer(k, training, self.kernel_range)
+
+    def calibrate_weights(self) -> None:
+        """Sets the kernel range from the kernel's values (min/max per channel)."""
+        if self.weight_quantizer is None:
+            return
+        k = self.kernel.numpy()
+        if self.kind == "depthwise":
+            k = q.depthwise_to_channels(k)
+        lo, hi = q.channel_range(k, -1 if self.weight_quantizer.per_channel else None)
+        self.weight_quantizer.assign_range(self.kernel_range, lo, hi)
+
+    def call(self, inputs, training=None):
+        k = self.quantized_kernel(training)
+        if self.kind == "conv2d":
+            y = tf.nn.conv2d(inputs, k, self.strides, self.padding.upper(), dilations=self.dilation_rate)
+        elif self.kind == "depthwise":
+            y = tf.nn.depthwise_conv2d(inputs, k, (1, *self.strides, 1), self.padding.upper(),
+                                       dilations=self.dilation_rate)
+        elif inputs.shape.rank == 2:
+            y = tf.matmul(inputs, k)
+        else:
+            y = tf.tensordot(inputs, k, [[inputs.shape.rank - 1], [0]])
+        y = tf.nn.bias_add(y, self.bias)
+        if self.activation == "relu":
+            return tf.nn.relu(y)
+        if self.activation == "relu6":
+            return tf.nn.relu6(y)
+        return y
+
+    def get_config(self):
+        return {**super().get_config(), "kind": self.kind, "kernel_shape": self.kernel_shape,
+                "units": self.units, "activation": self.activation,
+                "weight_quantizer": None if self.weight_quantizer is None else self.weight_quantizer.get_config(),
+                "strides": self.strides, "padding": self.padding, "dilation_rate": self.dilation_rate}
+
+
+class ChannelAffine(keras.layers.Layer):
+    """y = x * scale + offset per channel: a batch norm that follows no conv."""
+
+    def __init__(self, channels, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = int(channels)
+
+    def build(self, input_shape):
+        self.scale = self.add_weight("scale", shape=(self.channels,), initializer="ones")
+        self.offset = self.add_weight("offset", shape=(self.channels,), initializer="zeros")
+        super().build(input_shape)
+
+    def call(self, inputs):
+        return inputs * self.scale + self.offset
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels}
+
+
+def custom_objects() -> dict:
+    """The scope to load a model saved after rewriting: `load_model(p, custom_objects=custom_objects())`."""
+    return {"RangeQuantizer": RangeQuantizer, "QuantizeActivation": QuantizeActivation,
+            "FoldedConv": FoldedConv, "ChannelAffine": ChannelAffine}

@@ -1,0 +1,346 @@
+"""The Keras graph rewriter: fold batch norm, fuse activations, place fake-quant.
+
+    from qtoolkit import rewrite, schemes
+    result = rewrite.rewrite(model, schemes.load("int8"))
+    result.model         # fake-quant model, ranges still to calibrate
+    result.float_model   # folded float twin; extra outputs feed the observers
+    result.quant_points  # names of the activation quantizers, in that order
+
+Placement follows what TFLite executes (see docs/design.md): a quantizer on
+every model input, on the output of every fused Conv/Depthwise/Dense (after
+its batch norm and ReLU/ReLU6), of Add/Multiply/Concatenate/average pooling
+and activations; none after ops whose int8 kernels keep their input's scale
+(max pooling, reshape, flatten, padding, cropping, nearest upsampling,
+transpose); fixed ranges for softmax/logistic/tanh, whose output scale
+TFLite fixes.  Layers it does not know stay float, each named in a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from typing import Optional
+
+import numpy as np
+import tf_keras as keras
+
+from qtoolkit.rewrite import graph as g
+from qtoolkit.rewrite.layers import ChannelAffine, FoldedConv, QuantizeActivation, RangeQuantizer
+from qtoolkit.schemes import QuantScheme
+
+log = logging.getLogger("qtoolkit")
+L = keras.layers
+
+
+class UnquantizableLayersError(ValueError):
+    """Raised in strict mode when some layers would stay float."""
+
+
+# Ops whose TFLite int8 kernels require the output scale to equal the input's.
+SAME_SCALE = (L.MaxPooling2D, L.MaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling1D, L.Reshape,
+              L.Flatten, L.ZeroPadding2D, L.ZeroPadding1D, L.Cropping2D, L.Permute)
+# Quantized ops that get their own output range.
+QUANTIZED = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum, L.Concatenate,
+             L.AveragePooling2D, L.AveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling1D,
+             L.ReLU, L.LeakyReLU, L.Rescaling, L.Normalization, L.PReLU, L.ELU)
+IDENTITY = (L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.GaussianNoise, L.GaussianDropout,
+            L.AlphaDropout, L.ActivityRegularization)
+QUANTIZED_ACTIVATIONS = ("relu", "relu6", "sigmoid", "tanh", "swish", "silu", "hard_sigmoid", "elu",
+                         "leaky_relu", "gelu", "hard_swish", "softmax")
+# TFLite fixes these ops' int8 output scale/zero-point; the simulation uses the same range.
+FIXED_RANGE_8BIT = {"softmax": (0.0, 255 / 256), "sigmoid": (0.0, 255 / 256), "tanh": (-1.0, 127 / 128)}
+SAME_SCALE_TF_OPS = ("reshape", "compat.v1.transpose", "transpose", "compat.v1.squeeze", "squeeze",
+                     "expand_dims", "nn.max_pool2d", "image.resize")
+QUANTIZED_TF_OPS = ("__operators__.add", "math.add", "math.subtract", "math.multiply", "math.truediv",
+                    "nn.relu", "nn.relu6", "math.sigmoid", "nn.silu", "nn.swish", "math.tanh", "concat",
+                    "math.reduce_mean", "nn.avg_pool2d", "math.maximum", "math.minimum")
+FUSE_AFTER = (L.Add, L.Subtract, L.Multiply)  # TFLite fuses a following ReLU/ReLU6 into these
+
+
+@dataclasses.dataclass
+class Rewritten:
+    """What `rewrite` returns.
+
+    Attributes:
+      model: the fake-quant model (same inputs and outputs as the original).
+      float_model: the folded float twin; outputs are the original outputs
+        followed by the input of each activation quantizer.
+      quant_points: QuantizeActivation layer names, in float_model's extra-output order.
+      fixed_points: names of quantizers with a range TFLite fixes (not calibrated).
+      folded: one line per fused pattern, e.g. "conv1+bn1+relu1".
+      float_layers: names of the layers left in float.
+    """
+
+    model: keras.Model
+    float_model: keras.Model
+    quant_points: list[str]
+    fixed_points: list[str]
+    folded: list[str]
+    float_layers: list[str]
+    probe_order: Optional[list] = None
+
+    def quantizer(self, name: str) -> QuantizeActivation:
+        return self.model.get_layer(name)
+
+    def folded_layers(self) -> list[FoldedConv]:
+        return [layer for layer in self.model.layers if isinstance(layer, FoldedConv)]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
+
+
+def _activation_name(layer) -> Optional[str]:
+    """'relu', 'relu6', 'linear', ... for activation-like layers, else None."""
+    if isinstance(layer, L.ReLU):
+        if float(layer.negative_slope) == 0.0 and float(layer.threshold) == 0.0:
+            if layer.max_value is None:
+                return "relu"
+            if float(layer.max_value) == 6.0:
+                return "relu6"
+        return None
+    if isinstance(layer, L.Activation):
+        return getattr(layer.activation, "__name__", None)
+    if type(layer).__name__ == "TFOpLambda" and getattr(layer, "symbol", "") in ("nn.relu", "nn.relu6"):
+        return layer.symbol[3:]
+    return None
+
+
+def _conv_kind(layer) -> Optional[str]:
+    if isinstance(layer, L.DepthwiseConv2D):
+        return "depthwise" if layer.data_format == "channels_last" else None
+    if isinstance(layer, L.Conv2D) and not isinstance(layer, L.Conv2DTranspose):
+        ok = type(layer) in (L.Conv2D,) and layer.groups == 1 and layer.data_format == "channels_last"
+        return "conv2d" if ok else None
+    if type(layer) is L.Dense:
+        return "dense"
+    return None
+
+
+def _bn_params(bn) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, offset) of an inference-mode batch norm: y = x * scale + offset."""
+    weights = {w.name.split("/")[-1].split(":")[0]: w.numpy() for w in bn.weights}
+    var, mean = weights["moving_variance"], weights["moving_mean"]
+    gamma = weights.get("gamma", np.ones_like(var))
+    beta = weights.get("beta", np.zeros_like(var))
+    scale = gamma / np.sqrt(var + bn.epsilon)
+    return scale.astype(np.float32), (beta - mean * scale).astype(np.float32)
+
+
+def _is_channel_last_bn(bn, rank: int) -> bool:
+    axis = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
+    return len(axis) == 1 and axis[0] in (-1, rank - 1) and not getattr(bn, "renorm", False)
+
+
+@dataclasses.dataclass
+class _Step:
+    kind: str              # fused | affine | quantized | same_scale | identity | float | fixed
+    node: g.Node
+    absorbed: list = dataclasses.field(default_factory=list)
+    activation: str = "linear"
+    fixed_range: Optional[tuple] = None
+
+
+def _plan(graph: g.Graph, scheme: QuantScheme) -> list[_Step]:
+    consumers = graph.consumers()
+    outputs = set(graph.outputs)
+    absorbed: set[int] = set()
+    steps = []
+
+    def single_consumer(tensor):
+        users = consumers.get(tensor, [])
+        return users[0] if len(users) == 1 and tensor not in outputs else None
+
+    for node in graph.nodes:
+        if id(node) in absorbed:
+            continue
+        layer = node.layer
+        kind = _conv_kind(layer)
+        if kind and len(node.inputs) == 1 and len(node.outputs) == 1:
+            step = _Step("fused", node, activation=getattr(layer.activation, "__name__", "?"))
+            if step.activation not in ("linear", "relu", "relu6"):
+                step.activation = "?"
+            nxt = single_consumer(node.outputs[0])
+            if step.activation == "linear" and nxt is not None and isinstance(nxt.layer, L.BatchNormalization) \
+                    and _is_channel_last_bn(nxt.layer, len(nxt.layer.input_shape)):
+                step.absorbed.append(nxt)
+                absorbed.add(id(nxt))
+                nxt = single_consumer(nxt.outputs[0])
+            if step.activation == "linear" and nxt is not None and _activation_name(nxt.layer) in ("relu", "relu6"):
+                step.activation = _activation_name(nxt.layer)
+                step.absorbed.append(nxt)
+                absorbed.add(id(nxt))
+            steps.append(step)
+        elif isinstance(layer, L.BatchNormalization) and _is_channel_last_bn(layer, len(layer.input_shape)):
+            steps.append(_Step("affine", node))
+        elif isinstance(layer, IDENTITY) or _activation_name(layer) == "linear":
+            steps.append(_Step("identity", node))
+        elif isinstance(layer, SAME_SCALE) or (isinstance(layer, L.UpSampling2D) and layer.interpolation == "nearest") \
+                or getattr(layer, "symbol", None) in SAME_SCALE_TF_OPS:
+            steps.append(_Step("same_scale", node))
+        else:
+            act = _activation_name(layer)
+            if isinstance(layer, L.Softmax):
+                act = "softmax"
+            symbol = getattr(layer, "symbol", None)
+            if act in FIXED_RANGE_8BIT and scheme.activations is not None and scheme.activations.bits == 8:
+                steps.append(_Step("fixed", node, fixed_range=FIXED_RANGE_8BIT[act]))
+            elif isinstance(layer, QUANTIZED) or act in QUANTIZED_ACTIVATIONS or symbol in QUANTIZED_TF_OPS:
+                step = _Step("quantized", node)
+                nxt = single_consumer(node.outputs[0]) if len(node.outputs) == 1 else None
+                if isinstance(layer, FUSE_AFTER) and nxt is not None and _activation_name(nxt.layer) in ("relu", "relu6"):
+                    step.absorbed.append(nxt)
+                    absorbed.add(id(nxt))
+                steps.append(step)
+            else:
+                steps.append(_Step("float", node))
+    return steps
+
+
+def _fold(step: _Step) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel and bias of a fused step with its batch norm folded in."""
+    layer = step.node.layer
+    kernel = (layer.depthwise_kernel if step.kind == "fused" and isinstance(layer, L.DepthwiseConv2D)
+              else layer.kernel).numpy()
+    out_channels = kernel.shape[2] * kernel.shape[3] if isinstance(layer, L.DepthwiseConv2D) else kernel.shape[-1]
+    bias = layer.bias.numpy() if layer.use_bias else np.zeros(out_channels, np.float32)
+    for extra in step.absorbed:
+        if isinstance(extra.layer, L.BatchNormalization):
+            scale, offset = _bn_params(extra.layer)
+            if isinstance(layer, L.DepthwiseConv2D):
+                kernel = kernel * scale.reshape(kernel.shape[2], kernel.shape[3])
+            else:
+                kernel = kernel * scale
+            bias = bias * scale + offset
+    return kernel.astype(np.float32), bias.astype(np.float32)
+
+
+def rewrite(model, scheme: QuantScheme, strict: bool = False) -> Rewritten:
+    """Rewrites a tf_keras model for quantization (see the module docstring).
+
+    Args:
+      model: a built tf_keras Functional or Sequential model (nested models are inlined).
+      scheme: how weights and activations are quantized.
+      strict: raise instead of leaving unknown layers in float.
+
+    Returns:
+      A Rewritten with the fake-quant model and its float twin.
+
+    Raises:
+      graph.UnsupportedModelError: the model cannot be flattened.
+      UnquantizableLayersError: strict and some layers would stay float (all named).
+    """
+    flat = g.flatten(model)
+    steps = _plan(flat, scheme)
+    float_names = [s.node.name for s in steps if s.kind == "float"]
+    if float_names and strict:
+        raise UnquantizableLayersError(
+            f"{len(float_names)} layer(s) cannot be quantized and would stay float: {', '.join(float_names)}")
+    for name in float_names:
+        log.warning("layer %s is left in float (qtoolkit has no int8 rewrite for %s)", name,
+                    type(next(s.node.layer for s in steps if s.node.name == name)).__name__)
+    fused = {id(s): _fold(s) for s in steps if s.kind == "fused"}
+    qmodel, _, names, fixed = _build(flat, steps, fused, scheme, quantize=True, model_name=model.name)
+    fmodel, probes, names_f, _ = _build(flat, steps, fused, scheme, quantize=False, model_name=model.name)
+    assert names == names_f
+    float_model = keras.Model(fmodel.inputs, [*fmodel.outputs, *probes], name=f"{model.name}_float_twin")
+    folded = ["+".join([s.node.name, *(a.name for a in s.absorbed)]) for s in steps if s.absorbed]
+    result = Rewritten(qmodel, float_model, [n for n in names if n not in fixed], fixed, folded, float_names)
+    result.probe_order = names
+    return result
+
+
+def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, model_name: str):
+    """Builds the fake-quant model (quantize=True) or its float twin."""
+    acts = scheme.activations
+    tensors: dict[int, object] = {}
+    float_tensors: set[int] = set()   # tensors that TFLite will keep in float
+    probes, names, fixed = [], [], []
+    inputs = []
+    used_names: set[str] = set()
+
+    def unique(name):
+        base, i = name, 1
+        while name in used_names:
+            name, i = f"{base}_{i}", i + 1
+        used_names.add(name)
+        return name
+
+    def quant_point(tensor, name, fixed_range=None):
+        """Puts an activation quantizer on `tensor` (or records the probe in float mode)."""
+        name = unique(_safe(name) + "_quant")
+        names.append(name)
+        if fixed_range is not None:
+            fixed.append(name)
+        if not quantize or acts is None:
+            probes.append(tensor)
+            return tensor
+        quantizer = RangeQuantizer(acts.bits, acts.symmetric, acts.narrow_range)
+        return QuantizeActivation(quantizer, fixed_range=fixed_range, name=name)(tensor)
+
+    for tid, (name, shape, dtype) in zip(flat.inputs, flat.input_specs):
+        x = keras.Input(shape[1:], batch_size=shape[0], dtype=dtype, name=name)
+        inputs.append(x)
+        tensors[tid] = quant_point(x, name) if x.dtype.is_floating and acts is not None else x
+
+    consumers = flat.consumers()
+    step_of = {id(s.node): s for s in steps}
+
+    for step in steps:
+        node = step.node
+        if step.kind == "float":
+            # A float layer's float inputs stay float: dequantized by TFLite.
+            out = g.call(node, tensors)
+        elif step.kind == "fused":
+            layer = node.layer
+            kernel, bias = fused[id(step)]
+            kind = _conv_kind(layer)
+            if step.activation == "?":
+                act = "linear"
+            else:
+                act = step.activation
+            wq = scheme.weights
+            quantizer = RangeQuantizer(wq.bits, wq.symmetric, wq.narrow_range,
+                                       per_channel=wq.granularity == "per_channel",
+                                       channels=bias.shape[0]) if quantize else None
+            conv_args = {} if kind == "dense" else {
+                "strides": layer.strides, "padding": layer.padding, "dilation_rate": layer.dilation_rate}
+            new = FoldedConv(kind, kernel.shape, bias.shape[0], act, quantizer,
+                             name=unique(_safe(node.name)), **conv_args)
+            out = g.call(node, tensors, layer=new)
+            new.set_weights([kernel, bias] + ([np.zeros_like(w.numpy()) for w in new.weights[2:]]))
+            new.calibrate_weights()
+            if step.activation == "?":
+                # Non-fusable activation (e.g. swish): TFLite runs it as its own op.
+                out = quant_point(out, node.name + "_preact")
+                out = L.Activation(layer.activation, name=unique(_safe(node.name) + "_act"))(out)
+        elif step.kind == "affine":
+            scale, offset = _bn_params(node.layer)
+            new = ChannelAffine(scale.shape[0], name=unique(_safe(node.name)))
+            out = g.call(node, tensors, layer=new)
+            new.set_weights([scale, offset])
+        elif step.kind == "identity":
+            out = tensors[node.inputs[0]]
+        else:
+            out = g.call(node, tensors)
+            for extra in step.absorbed:
+                out = extra.layer(out)
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        last = step.absorbed[-1] if step.kind in ("fused", "quantized") and step.absorbed else node
+        out_ids = last.outputs
+        for tid, t in zip(out_ids, outs):
+            needs_range = step.kind in ("fused", "affine", "quantized", "fixed")
+            if step.kind == "float":
+                float_tensors.add(tid)
+                # TFLite quantizes a float op's output where an int8 op reads it.
+                readers = [step_of.get(id(c)) for c in consumers.get(tid, [])]
+                needs_range = any(r is not None and r.kind not in ("float",) for r in readers)
+            if step.kind == "same_scale" and node.inputs and node.inputs[0] in float_tensors:
+                float_tensors.add(tid)
+            if needs_range and acts is not None and t.dtype.is_floating:
+                t = quant_point(t, node.name, step.fixed_range)
+            tensors[tid] = t
+    outputs = [tensors[t] for t in flat.outputs]
+    model = keras.Model(inputs, outputs, name=f"{model_name}_quant" if quantize else model_name)
+    return model, probes, names, fixed
