@@ -48,7 +48,10 @@ def _convert(converter) -> bytes:
             warnings.filterwarnings("ignore", "Statistics for quantized inputs were expected")
             return converter.convert()
     except Exception as e:  # noqa: BLE001  (the converter raises many types)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        import re
+
+        found = re.search(r"error: ([^\n]+)", str(e))
+        first = found.group(1) if found else (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ExportError(f"the TFLite converter failed: {first}") from e
 
 

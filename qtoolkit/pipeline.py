@@ -125,7 +125,12 @@ def ptq(model: Any, calibration_data: Any, scheme: Any = "int8", output: Optiona
     seconds["load"] = time.perf_counter() - t0
 
     source = cal.open_source(calibration_data, specs, image_size, image_scale)
-    n_cal, n_ver = _split(source, num_calibration_samples, num_verification_samples, verification_data is not None)
+    ver_source = None
+    if verification_data is not None:
+        ver_source = cal.open_source(verification_data, specs, image_size, image_scale)
+        if num_verification_samples is None:
+            num_verification_samples = ver_source.num_samples or DEFAULT_VERIFICATION_SAMPLES
+    n_cal, n_ver = _split(source, num_calibration_samples, num_verification_samples, ver_source is not None)
     notes = []
     calibration = None
     rewritten = None
@@ -167,8 +172,8 @@ def ptq(model: Any, calibration_data: Any, scheme: Any = "int8", output: Optiona
     inspection = export.inspect(data)
 
     t3 = time.perf_counter()
-    if verification_data is not None:
-        ver = cal.open_source(verification_data, specs).collect(n_ver)
+    if ver_source is not None:
+        ver = ver_source.collect(n_ver)
     else:
         ver = source.collect(n_ver)
     tfl = verify.LiteRTModel(data)

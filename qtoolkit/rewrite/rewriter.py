@@ -26,7 +26,7 @@ import numpy as np
 import tf_keras as keras
 
 from qtoolkit.rewrite import graph as g
-from qtoolkit.rewrite.layers import ChannelAffine, FoldedConv, QuantizeActivation, RangeQuantizer
+from qtoolkit.rewrite.layers import FoldedConv, QuantizeActivation, RangeQuantizer
 from qtoolkit.schemes import QuantScheme
 
 log = logging.getLogger("qtoolkit")
@@ -38,11 +38,11 @@ class UnquantizableLayersError(ValueError):
 
 
 # Ops whose TFLite int8 kernels require the output scale to equal the input's.
-SAME_SCALE = (L.MaxPooling2D, L.MaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling1D, L.Reshape,
+SAME_SCALE = (L.MaxPooling2D, L.MaxPooling1D, L.AveragePooling2D, L.AveragePooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling1D, L.Reshape,
               L.Flatten, L.ZeroPadding2D, L.ZeroPadding1D, L.Cropping2D, L.Permute)
 # Quantized ops that get their own output range.
 QUANTIZED = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum, L.Concatenate,
-             L.AveragePooling2D, L.AveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling1D,
+             L.GlobalAveragePooling2D, L.GlobalAveragePooling1D,
              L.ReLU, L.LeakyReLU, L.Rescaling, L.Normalization, L.PReLU, L.ELU)
 IDENTITY = (L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.GaussianNoise, L.GaussianDropout,
             L.AlphaDropout, L.ActivityRegularization)
@@ -184,7 +184,11 @@ def _plan(graph: g.Graph, scheme: QuantScheme) -> list[_Step]:
             if isinstance(layer, L.Softmax):
                 act = "softmax"
             symbol = getattr(layer, "symbol", None)
-            if act in FIXED_RANGE_8BIT and scheme.activations is not None and scheme.activations.bits == 8:
+            fixed_8bit = scheme.activations is not None and scheme.activations.bits == 8
+            if fixed_8bit and (act in ("swish", "silu") or symbol in ("nn.silu", "nn.swish")) \
+                    and len(node.inputs) == 1:
+                steps.append(_Step("swish", node))
+            elif act in FIXED_RANGE_8BIT and fixed_8bit:
                 steps.append(_Step("fixed", node, fixed_range=FIXED_RANGE_8BIT[act]))
             elif isinstance(layer, QUANTIZED) or act in QUANTIZED_ACTIVATIONS or symbol in QUANTIZED_TF_OPS:
                 step = _Step("quantized", node)
@@ -238,8 +242,9 @@ def rewrite(model, scheme: QuantScheme, strict: bool = False) -> Rewritten:
         raise UnquantizableLayersError(
             f"{len(float_names)} layer(s) cannot be quantized and would stay float: {', '.join(float_names)}")
     for name in float_names:
-        log.warning("layer %s is left in float (qtoolkit has no int8 rewrite for %s)", name,
-                    type(next(s.node.layer for s in steps if s.node.name == name)).__name__)
+        log.warning("layer %s (%s) has no qtoolkit rewrite: it is kept as is and unquantized in the simulation; "
+                    "TFLite runs it in int8 only if it has an int8 kernel for it (see the float ops of the "
+                    "inspection)", name, type(next(s.node.layer for s in steps if s.node.name == name)).__name__)
     fused = {id(s): _fold(s) for s in steps if s.kind == "fused"}
     qmodel, _, names, fixed = _build(flat, steps, fused, scheme, quantize=True, model_name=model.name)
     fmodel, probes, names_f, _ = _build(flat, steps, fused, scheme, quantize=False, model_name=model.name)
@@ -286,6 +291,24 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
 
     consumers = flat.consumers()
     step_of = {id(s.node): s for s in steps}
+    fixed_8bit = acts is not None and acts.bits == 8
+
+    def folded_conv(kind, kernel, bias, act, name, conv_args):
+        wq = scheme.weights
+        quantizer = RangeQuantizer(wq.bits, wq.symmetric, wq.narrow_range,
+                                   per_channel=wq.granularity == "per_channel",
+                                   channels=bias.shape[0]) if quantize else None
+        return FoldedConv(kind, kernel.shape, bias.shape[0], act, quantizer, name=unique(_safe(name)), **conv_args)
+
+    def load_folded(layer, kernel, bias):
+        layer.set_weights([kernel, bias] + [np.zeros_like(w.numpy()) for w in layer.weights[2:]])
+        layer.calibrate_weights()
+
+    def swish(x, name):
+        """x * sigmoid(x), as TFLite runs it: LOGISTIC (fixed output range) then MUL."""
+        sig = L.Activation("sigmoid", name=unique(_safe(name) + "_sigmoid"))(x)
+        sig = quant_point(sig, name + "_sigmoid", FIXED_RANGE_8BIT["sigmoid"])
+        return L.Multiply(name=unique(_safe(name) + "_mul"))([x, sig])
 
     for step in steps:
         node = step.node
@@ -296,30 +319,37 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
             layer = node.layer
             kernel, bias = fused[id(step)]
             kind = _conv_kind(layer)
-            if step.activation == "?":
-                act = "linear"
-            else:
-                act = step.activation
-            wq = scheme.weights
-            quantizer = RangeQuantizer(wq.bits, wq.symmetric, wq.narrow_range,
-                                       per_channel=wq.granularity == "per_channel",
-                                       channels=bias.shape[0]) if quantize else None
+            act = "linear" if step.activation == "?" else step.activation
             conv_args = {} if kind == "dense" else {
                 "strides": layer.strides, "padding": layer.padding, "dilation_rate": layer.dilation_rate}
-            new = FoldedConv(kind, kernel.shape, bias.shape[0], act, quantizer,
-                             name=unique(_safe(node.name)), **conv_args)
+            new = folded_conv(kind, kernel, bias, act, node.name, conv_args)
             out = g.call(node, tensors, layer=new)
-            new.set_weights([kernel, bias] + ([np.zeros_like(w.numpy()) for w in new.weights[2:]]))
-            new.calibrate_weights()
+            load_folded(new, kernel, bias)
             if step.activation == "?":
                 # Non-fusable activation (e.g. swish): TFLite runs it as its own op.
                 out = quant_point(out, node.name + "_preact")
-                out = L.Activation(layer.activation, name=unique(_safe(node.name) + "_act"))(out)
+                act_name = getattr(layer.activation, "__name__", "")
+                out = swish(out, node.name) if act_name in ("swish", "silu") and fixed_8bit else \
+                    L.Activation(layer.activation, name=unique(_safe(node.name) + "_act"))(out)
+        elif step.kind == "swish":
+            out = swish(tensors[node.inputs[0]], node.name)
         elif step.kind == "affine":
+            # A batch norm after no conv: a 1x1 depthwise conv (per-channel int8
+            # weights), which TFLite runs in int8; other ranks are reshaped to 4-D.
             scale, offset = _bn_params(node.layer)
-            new = ChannelAffine(scale.shape[0], name=unique(_safe(node.name)))
-            out = g.call(node, tensors, layer=new)
-            new.set_weights([scale, offset])
+            x = tensors[node.inputs[0]]
+            rank = x.shape.rank
+            channels = scale.shape[0]
+            if rank != 4:
+                spatial = int(np.prod(x.shape[1:-1])) if rank > 2 else 1
+                x = L.Reshape((1, spatial, channels), name=unique(_safe(node.name) + "_to4d"))(x)
+            kernel = scale.reshape(1, 1, channels, 1)
+            new = folded_conv("depthwise", kernel, offset, "linear", node.name,
+                              {"strides": (1, 1), "padding": "valid", "dilation_rate": (1, 1)})
+            out = new(x)
+            load_folded(new, kernel, offset)
+            if rank != 4:
+                out = L.Reshape(tuple(tensors[node.inputs[0]].shape[1:]), name=unique(_safe(node.name) + "_back"))(out)
         elif step.kind == "identity":
             out = tensors[node.inputs[0]]
         else:
@@ -330,7 +360,7 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
         last = step.absorbed[-1] if step.kind in ("fused", "quantized") and step.absorbed else node
         out_ids = last.outputs
         for tid, t in zip(out_ids, outs):
-            needs_range = step.kind in ("fused", "affine", "quantized", "fixed")
+            needs_range = step.kind in ("fused", "affine", "quantized", "fixed", "swish")
             if step.kind == "float":
                 float_tensors.add(tid)
                 # TFLite quantizes a float op's output where an int8 op reads it.

@@ -1,0 +1,121 @@
+"""Small golden models the tests build: one per layer pattern, plus a trained one."""
+
+import numpy as np
+import tf_keras as keras
+
+L = keras.layers
+
+
+def _randomize_bn(model, seed=0):
+    """Gives batch norms non-trivial statistics so that folding is really tested."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape).astype(np.float32),
+                               rng.normal(0, 0.2, beta.shape).astype(np.float32),
+                               rng.normal(0, 0.2, mean.shape).astype(np.float32),
+                               rng.uniform(0.5, 2.0, var.shape).astype(np.float32)])
+        elif isinstance(layer, keras.Model):
+            _randomize_bn(layer, seed + 1)
+    return model
+
+
+def conv_bn_relu(input_shape=(16, 16, 3)):
+    inp = keras.Input(input_shape)
+    x = L.Conv2D(8, 3, padding="same", use_bias=False)(inp)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU()(x)
+    x = L.DepthwiseConv2D(3, depth_multiplier=2, padding="same")(x)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU(6.0)(x)
+    x = L.Conv2D(8, 1, activation="relu")(x)
+    x = L.GlobalAveragePooling2D()(x)
+    out = L.Dense(5)(x)
+    return _randomize_bn(keras.Model(inp, out, name="conv_bn_relu"))
+
+
+def coverage(input_shape=(16, 16, 3)):
+    """Residual add + ReLU, concat, max/avg pooling, padding, upsampling, reshape,
+    a standalone batch norm, a nested model, swish, dropout and softmax."""
+    inner_in = keras.Input((8, 8, 8))
+    y = L.Conv2D(8, 3, padding="same")(inner_in)
+    y = L.BatchNormalization()(y)
+    y = L.Activation("relu")(y)
+    inner = _randomize_bn(keras.Model(inner_in, y, name="inner_block"), 3)
+
+    inp = keras.Input(input_shape)
+    x = L.ZeroPadding2D(1)(inp)
+    x = L.Conv2D(8, 3, strides=2, use_bias=False)(x)          # 8x8
+    x = L.BatchNormalization()(x)
+    x = L.ReLU(6.0)(x)
+    r = inner(x)
+    x = L.Add()([x, r])
+    x = L.ReLU()(x)
+    a = L.MaxPooling2D(2)(x)                                   # 4x4
+    b = L.AveragePooling2D(2)(x)
+    x = L.Concatenate()([a, b])                                # 16 channels
+    x = L.BatchNormalization()(x)                              # standalone
+    x = L.Conv2D(16, 1, activation="swish")(x)
+    x = L.UpSampling2D(2)(x)                                   # 8x8
+    x = L.DepthwiseConv2D(3, padding="same", use_bias=False)(x)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU()(x)
+    x = L.Dropout(0.2)(x)
+    x = L.Reshape((8 * 8 * 16,))(x)
+    x = L.Dense(16)(x)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU()(x)
+    out = L.Dense(4, activation="softmax")(x)
+    return _randomize_bn(keras.Model(inp, out, name="coverage"))
+
+
+def sequential(input_shape=(12, 12, 1)):
+    return keras.Sequential([
+        keras.Input(input_shape),
+        L.Conv2D(4, 3, activation="relu"),
+        L.MaxPooling2D(),
+        L.Flatten(),
+        L.Dense(3),
+    ], name="sequential")
+
+
+class Scale2(L.Layer):
+    """A custom layer qtoolkit does not know: stays float."""
+
+    def call(self, x):
+        return x * 2.0
+
+
+def with_custom_layer(input_shape=(8, 8, 3)):
+    inp = keras.Input(input_shape)
+    x = L.Conv2D(4, 3, activation="relu")(inp)
+    x = Scale2(name="scale2")(x)
+    x = L.Conv2D(4, 3)(x)
+    out = L.Flatten()(x)
+    return keras.Model(inp, out, name="custom")
+
+
+def train_digits(epochs=20, seed=0):
+    """A small depthwise-separable CNN with batch norm, trained on sklearn digits."""
+    from qtoolkit import datasets
+
+    keras.utils.set_random_seed(seed)
+    (x_train, y_train), (x_test, y_test) = datasets.load("digits")
+    inp = keras.Input(x_train.shape[1:])
+    x = L.Conv2D(24, 3, padding="same", use_bias=False)(inp)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU(6.0)(x)
+    x = L.DepthwiseConv2D(3, padding="same", use_bias=False)(x)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU(6.0)(x)
+    x = L.Conv2D(48, 1, use_bias=False)(x)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU(6.0)(x)
+    x = L.GlobalAveragePooling2D()(x)
+    out = L.Dense(10)(x)
+    model = keras.Model(inp, out, name="digits_cnn")
+    model.compile(keras.optimizers.Adam(3e-3),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"])
+    model.fit(x_train, y_train, batch_size=32, epochs=epochs, verbose=0)
+    return model, (x_train, y_train), (x_test, y_test)
