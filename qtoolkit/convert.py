@@ -77,9 +77,7 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
 
     out = out or sys.stdout
     if report:
-        folder = os.path.dirname(os.path.abspath(report))
-        if not os.path.isdir(folder):
-            raise export.ExportError(f"report folder {folder} does not exist; create it first")
+        export.check_writable(report)
     y = None
     if labels:
         try:

@@ -64,12 +64,34 @@ def fake_quant_to_tflite(model, io_dtype: str = "int8") -> bytes:
     """
     if io_dtype not in IO_DTYPES:
         raise ValueError(f"io_dtype must be one of {', '.join(IO_DTYPES)}, got {io_dtype!r}")
-    with _dense_kernels_snapped(model):
+    with _dense_kernels_snapped(model), _activations_at_least_8_bits(model):
         converter = _converter_for(model)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.inference_input_type = IO_DTYPES[io_dtype]
         converter.inference_output_type = IO_DTYPES[io_dtype]
         return _convert(converter)
+
+
+@contextlib.contextmanager
+def _activations_at_least_8_bits(model):
+    """TFLite has no kernels for activations below 8 bits: export them as int8 on the same range.
+
+    The simulation keeps the lower-bit grid (a pessimistic estimate of the
+    exported model); the flatbuffer's activations use the calibrated range
+    with 256 levels.
+    """
+    from qtoolkit.rewrite.layers import QuantizeActivation
+
+    changed = []
+    for layer in model.layers:
+        if isinstance(layer, QuantizeActivation) and layer.quantizer.bits < 8:
+            changed.append((layer.quantizer, layer.quantizer.bits))
+            layer.quantizer.bits = 8
+    try:
+        yield
+    finally:
+        for quantizer, bits in changed:
+            quantizer.bits = bits
 
 
 @contextlib.contextmanager
@@ -135,12 +157,11 @@ def float_tflite(model) -> bytes:
     return _convert(_converter_for(model))
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary file in the same folder and a rename.
+def check_writable(path: str) -> str:
+    """Fails early (before any work) if `path` cannot be written; returns it absolute.
 
     Raises:
-      ExportError: the folder does not exist, is not writable, the path is a
-        folder, or the write fails (nothing is left behind).
+      ExportError: the path is a folder, its folder does not exist or is not writable.
     """
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
@@ -148,6 +169,20 @@ def write_atomic(path: str, data: bytes) -> None:
         raise ExportError(f"output {path} is a folder; give a file path such as {path}/model.tflite")
     if not os.path.isdir(folder):
         raise ExportError(f"output folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExportError(f"output folder {folder} is not writable; choose another --output or fix its permissions")
+    return path
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file in the same folder and a rename.
+
+    Raises:
+      ExportError: the folder does not exist, is not writable, the path is a
+        folder, or the write fails (nothing is left behind).
+    """
+    path = check_writable(path)
+    folder = os.path.dirname(path)
     if len(data) > TFLITE_MAX_BYTES:
         raise ExportError(f"the model is {len(data)} bytes, over the 2 GB flatbuffer limit")
     tmp = None

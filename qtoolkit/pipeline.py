@@ -108,6 +108,8 @@ def ptq(model: Any, calibration_data: Any, scheme: Any = "int8", output: Optiona
     """
     seconds = {}
     t0 = time.perf_counter()
+    if output:
+        export.check_writable(output)
     scheme = load_scheme(scheme) if not isinstance(scheme, QuantScheme) else scheme
     if range_method:
         if scheme.activations is None:
@@ -164,9 +166,14 @@ def ptq(model: Any, calibration_data: Any, scheme: Any = "int8", output: Optiona
         t2 = time.perf_counter()
         data = export.fake_quant_to_tflite(rewritten.model, io_dtype)
         seconds["convert"] = time.perf_counter() - t2
-        if scheme.weights.bits < 8 or scheme.activations.bits < 8:
-            notes.append(f"{scheme.weights.bits}-bit weights / {scheme.activations.bits}-bit activations are "
-                         "stored in int8 tensors with the lower-bit grid's scales")
+        if scheme.weights.bits < 8:
+            notes.append(f"{scheme.weights.bits}-bit weights are stored in int8 tensors on the "
+                         f"{scheme.weights.bits}-bit grid (conv: exact; fully connected: the converter "
+                         "re-quantizes them to 8 bits)")
+        if scheme.activations.bits < 8:
+            notes.append(f"TFLite has no {scheme.activations.bits}-bit activation kernels: the model is exported "
+                         "with int8 activations over the calibrated ranges; the simulated column is the "
+                         f"{scheme.activations.bits}-bit model, so the simulation gap does not apply")
     if "convert" not in seconds:
         seconds["convert"] = time.perf_counter() - t1
     inspection = export.inspect(data)

@@ -23,15 +23,15 @@ def _randomize_bn(model, seed=0):
 
 def conv_bn_relu(input_shape=(16, 16, 3)):
     inp = keras.Input(input_shape)
-    x = L.Conv2D(8, 3, padding="same", use_bias=False)(inp)
-    x = L.BatchNormalization()(x)
-    x = L.ReLU()(x)
-    x = L.DepthwiseConv2D(3, depth_multiplier=2, padding="same")(x)
-    x = L.BatchNormalization()(x)
-    x = L.ReLU(6.0)(x)
-    x = L.Conv2D(8, 1, activation="relu")(x)
-    x = L.GlobalAveragePooling2D()(x)
-    out = L.Dense(5)(x)
+    x = L.Conv2D(8, 3, padding="same", use_bias=False, name="conv")(inp)
+    x = L.BatchNormalization(name="bn")(x)
+    x = L.ReLU(name="relu")(x)
+    x = L.DepthwiseConv2D(3, depth_multiplier=2, padding="same", name="dw")(x)
+    x = L.BatchNormalization(name="dw_bn")(x)
+    x = L.ReLU(6.0, name="dw_relu6")(x)
+    x = L.Conv2D(8, 1, activation="relu", name="pw")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    out = L.Dense(5, name="logits")(x)
     return _randomize_bn(keras.Model(inp, out, name="conv_bn_relu"))
 
 
@@ -39,34 +39,34 @@ def coverage(input_shape=(16, 16, 3)):
     """Residual add + ReLU, concat, max/avg pooling, padding, upsampling, reshape,
     a standalone batch norm, a nested model, swish, dropout and softmax."""
     inner_in = keras.Input((8, 8, 8))
-    y = L.Conv2D(8, 3, padding="same")(inner_in)
-    y = L.BatchNormalization()(y)
-    y = L.Activation("relu")(y)
+    y = L.Conv2D(8, 3, padding="same", name="conv")(inner_in)
+    y = L.BatchNormalization(name="bn")(y)
+    y = L.Activation("relu", name="relu")(y)
     inner = _randomize_bn(keras.Model(inner_in, y, name="inner_block"), 3)
 
     inp = keras.Input(input_shape)
-    x = L.ZeroPadding2D(1)(inp)
-    x = L.Conv2D(8, 3, strides=2, use_bias=False)(x)          # 8x8
-    x = L.BatchNormalization()(x)
-    x = L.ReLU(6.0)(x)
+    x = L.ZeroPadding2D(1, name="pad")(inp)
+    x = L.Conv2D(8, 3, strides=2, use_bias=False, name="stem")(x)   # 8x8
+    x = L.BatchNormalization(name="stem_bn")(x)
+    x = L.ReLU(6.0, name="stem_relu6")(x)
     r = inner(x)
-    x = L.Add()([x, r])
-    x = L.ReLU()(x)
-    a = L.MaxPooling2D(2)(x)                                   # 4x4
-    b = L.AveragePooling2D(2)(x)
-    x = L.Concatenate()([a, b])                                # 16 channels
-    x = L.BatchNormalization()(x)                              # standalone
-    x = L.Conv2D(16, 1, activation="swish")(x)
-    x = L.UpSampling2D(2)(x)                                   # 8x8
-    x = L.DepthwiseConv2D(3, padding="same", use_bias=False)(x)
-    x = L.BatchNormalization()(x)
-    x = L.ReLU()(x)
-    x = L.Dropout(0.2)(x)
-    x = L.Reshape((8 * 8 * 16,))(x)
-    x = L.Dense(16)(x)
-    x = L.BatchNormalization()(x)
-    x = L.ReLU()(x)
-    out = L.Dense(4, activation="softmax")(x)
+    x = L.Add(name="add")([x, r])
+    x = L.ReLU(name="add_relu")(x)
+    a = L.MaxPooling2D(2, name="maxpool")(x)                         # 4x4
+    b = L.AveragePooling2D(2, name="avgpool")(x)
+    x = L.Concatenate(name="concat")([a, b])                         # 16 channels
+    x = L.BatchNormalization(name="lonely_bn")(x)                    # follows no conv
+    x = L.Conv2D(16, 1, activation="swish", name="swish_conv")(x)
+    x = L.UpSampling2D(2, name="upsample")(x)                        # 8x8
+    x = L.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(x)
+    x = L.BatchNormalization(name="dw_bn")(x)
+    x = L.ReLU(name="dw_relu")(x)
+    x = L.Dropout(0.2, name="dropout")(x)
+    x = L.Reshape((8 * 8 * 16,), name="reshape")(x)
+    x = L.Dense(16, name="fc")(x)
+    x = L.BatchNormalization(name="fc_bn")(x)
+    x = L.ReLU(name="fc_relu")(x)
+    out = L.Dense(4, activation="softmax", name="classifier")(x)
     return _randomize_bn(keras.Model(inp, out, name="coverage"))
 
 

@@ -160,6 +160,9 @@ def _plan(graph: g.Graph, scheme: QuantScheme) -> list[_Step]:
         if kind and len(node.inputs) == 1 and len(node.outputs) == 1:
             step = _Step("fused", node, activation=getattr(layer.activation, "__name__", "?"))
             if step.activation not in ("linear", "relu", "relu6"):
+                if step.activation in FIXED_RANGE_8BIT and scheme.activations is not None \
+                        and scheme.activations.bits == 8:
+                    step.fixed_range = FIXED_RANGE_8BIT[step.activation]
                 step.activation = "?"
             nxt = single_consumer(node.outputs[0])
             if step.activation == "linear" and nxt is not None and isinstance(nxt.layer, L.BatchNormalization) \
