@@ -128,6 +128,31 @@ def _bn_params(bn) -> tuple[np.ndarray, np.ndarray]:
     return scale.astype(np.float32), (beta - mean * scale).astype(np.float32)
 
 
+def _affine_params(layer) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """Per-channel (scale, offset) of BatchNormalization / Rescaling / Normalization, or None."""
+    if isinstance(layer, L.BatchNormalization):
+        return _bn_params(layer)
+    shape = layer.input_shape
+    if isinstance(shape, list) or shape[-1] is None:
+        return None
+    channels = shape[-1]
+    try:
+        if isinstance(layer, L.Rescaling):
+            scale = np.broadcast_to(np.asarray(layer.scale, np.float32), (channels,))
+            offset = np.broadcast_to(np.asarray(layer.offset, np.float32), (channels,))
+        else:
+            if getattr(layer, "invert", False):
+                return None
+            mean = np.asarray(layer.mean, np.float32).reshape(-1)
+            std = np.sqrt(np.asarray(layer.variance, np.float32).reshape(-1))
+            std = np.maximum(std, keras.backend.epsilon())
+            scale = np.broadcast_to(1.0 / std, (channels,))
+            offset = np.broadcast_to(-mean / std, (channels,))
+    except (ValueError, TypeError, AttributeError):
+        return None  # a non-channel broadcast: leave the layer as it is
+    return scale.astype(np.float32).copy(), offset.astype(np.float32).copy()
+
+
 def _is_channel_last_bn(bn, rank: int) -> bool:
     axis = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
     return len(axis) == 1 and axis[0] in (-1, rank - 1) and not getattr(bn, "renorm", False)
@@ -175,7 +200,8 @@ def _plan(graph: g.Graph, scheme: QuantScheme) -> list[_Step]:
                 step.absorbed.append(nxt)
                 absorbed.add(id(nxt))
             steps.append(step)
-        elif isinstance(layer, L.BatchNormalization) and _is_channel_last_bn(layer, len(layer.input_shape)):
+        elif (isinstance(layer, L.BatchNormalization) and _is_channel_last_bn(layer, len(layer.input_shape))) \
+                or (isinstance(layer, (L.Rescaling, L.Normalization)) and _affine_params(layer) is not None):
             steps.append(_Step("affine", node))
         elif isinstance(layer, IDENTITY) or _activation_name(layer) == "linear":
             steps.append(_Step("identity", node))
@@ -339,7 +365,7 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
         elif step.kind == "affine":
             # A batch norm after no conv: a 1x1 depthwise conv (per-channel int8
             # weights), which TFLite runs in int8; other ranks are reshaped to 4-D.
-            scale, offset = _bn_params(node.layer)
+            scale, offset = _affine_params(node.layer)
             x = tensors[node.inputs[0]]
             rank = x.shape.rank
             channels = scale.shape[0]
