@@ -12,4 +12,11 @@ from qtoolkit.schemes import QuantScheme, SchemeError
 from qtoolkit.schemes import load as load_scheme
 
 __version__ = "0.1.0"
-__all__ = ["QuantScheme", "SchemeError", "load_scheme", "__version__"]
+__all__ = ["QuantScheme", "SchemeError", "load_scheme", "ptq", "__version__"]
+
+
+def ptq(*args, **kwargs):
+    """Post-training quantization; see `qtoolkit.pipeline.ptq` (imports TensorFlow on first use)."""
+    from qtoolkit.pipeline import ptq as _ptq
+
+    return _ptq(*args, **kwargs)

@@ -35,6 +35,7 @@ class Comparison:
       top1_agreement: fraction of samples with the same arg-max (None for scalars).
       reference_accuracy, candidate_accuracy: top-1 accuracy with labels, else None.
       max_error_steps: max abs error divided by the output quantization step, if known.
+      beyond_one_step: fraction of output values off by more than one step, if known.
     """
 
     samples: int
@@ -46,6 +47,7 @@ class Comparison:
     reference_accuracy: Optional[float] = None
     candidate_accuracy: Optional[float] = None
     max_error_steps: Optional[float] = None
+    beyond_one_step: Optional[float] = None
 
     def to_dict(self) -> dict:
         # JSON has no inf/NaN: write them as strings ("inf" for identical outputs).
@@ -113,7 +115,8 @@ def compare(reference, candidate, labels=None, output_step: Optional[float] = No
         samples=n, sqnr_db=sqnr_db(ref, out), max_abs_error=float(diff.max()),
         mean_abs_error=float(diff.mean()), cosine=float(cos.mean()), top1_agreement=top1,
         reference_accuracy=ref_acc, candidate_accuracy=out_acc,
-        max_error_steps=None if not output_step else float(diff.max() / output_step))
+        max_error_steps=None if not output_step else float(diff.max() / output_step),
+        beyond_one_step=None if not output_step else float(np.mean(diff > output_step * 1.001)))
 
 
 class LiteRTModel:
@@ -217,6 +220,7 @@ _ROWS = (
     ("reference_accuracy", "reference accuracy", "{:.2%}"),
     ("candidate_accuracy", "candidate accuracy", "{:.2%}"),
     ("max_error_steps", "max error (output steps)", "{:.2f}"),
+    ("beyond_one_step", "outputs > 1 step off", "{:.3%}"),
 )
 
 

@@ -101,6 +101,13 @@ def test_entropy_streaming_equals_one_shot_and_clips_outliers():
     assert streamed.divergence(lo, hi) == min(streamed.divergence(*c) for c in cands)
 
 
+def test_entropy_keeps_a_saturated_bound():
+    """ReLU6 outputs pile up at 6: clipping below would move that whole mass."""
+    rng = np.random.default_rng(2)
+    x = np.clip(rng.normal(2, 2, 20000), 0, 6).astype(np.float32)
+    assert _feed(obs.EntropyObserver(8, 2048), [x]).range()[1] == pytest.approx(6.0, rel=1e-3)
+
+
 def test_entropy_keeps_the_range_of_uniform_data():
     rng = np.random.default_rng(1)
     o = _feed(obs.EntropyObserver(8, 2048), [rng.uniform(0, 4, 5000).astype(np.float32) for _ in range(5)])

@@ -178,17 +178,29 @@ class EntropyObserver(HistogramObserver):
         super().__init__(num_bins)
         self.levels = 1 << bits
 
+    def _counts_for_kl(self) -> np.ndarray:
+        """The histogram with the spikes at zero (ReLU) and at the ends (ReLU6
+        saturation) flattened to their neighbours' height: zero is exact on any
+        grid and a saturated bound must not be clipped, so neither should drive
+        the divergence (pytorch-quantization flattens the zero bin the same way)."""
+        counts = self.counts.copy()
+        zero = int(np.clip(np.floor(-self.lo / (self.hi - self.lo) * self.num_bins), 0, self.num_bins - 1))
+        for spike, neighbour in ((zero, zero + 1 if zero + 1 < self.num_bins else zero - 1),):
+            counts[spike] = min(counts[spike], counts[neighbour])
+        return counts
+
     def divergence(self, lo: float, hi: float) -> float:
         edges = np.linspace(self.lo, self.hi, self.num_bins + 1)
         i0 = int(np.clip(np.searchsorted(edges, lo, side="right") - 1, 0, self.num_bins - 1))
         i1 = int(np.clip(np.searchsorted(edges, hi, side="left"), i0 + 1, self.num_bins))
-        inner = self.counts[i0:i1]
+        counts = self._counts_for_kl()
+        inner = counts[i0:i1]
         if inner.size < self.levels:
             return np.inf
         # P: the clipped distribution, outliers piled on the edge bins.
         p = inner.copy()
-        p[0] += self.counts[:i0].sum()
-        p[-1] += self.counts[i1:].sum()
+        p[0] += counts[:i0].sum()
+        p[-1] += counts[i1:].sum()
         # Q: the in-range counts merged into 2^bits levels, spread back over the
         # non-empty bins of each level (the outliers are what Q loses).
         level = (np.arange(inner.size) * self.levels) // inner.size
@@ -204,7 +216,14 @@ class EntropyObserver(HistogramObserver):
 
     def range(self) -> tuple[float, float]:
         lo, hi = self.data_range()
-        return min(_candidates(lo, hi), key=lambda r: self.divergence(*r))
+        candidates = _candidates(lo, hi)
+        # A bound where the data piles up (a saturating activation such as
+        # ReLU6: its top bin holds more than any bin near it) is kept.
+        top = np.nonzero(self.counts)[0][-1]
+        if top >= 8 and self.counts[top] > 4 * self.counts[top - 8:top].max() \
+                and self.counts[top] >= 1e-3 * self.counts.sum():
+            candidates = [(c_lo, hi) for c_lo, _ in candidates]
+        return min(candidates, key=lambda r: self.divergence(*r))
 
 
 def make_observer(acts: ActivationQuant) -> Observer:

@@ -1,0 +1,142 @@
+"""qtoolkit PTQ vs the TFLite converter's own full-integer PTQ, side by side.
+
+For each model, with the same calibration samples: conversion time, size,
+whether every op is int8, SQNR / top-1 agreement / accuracy against the float
+model (LiteRT interpreter, held-out samples), and the latency of the float,
+converter-int8 and qtoolkit-int8 flatbuffers (LiteRT, batch 1, 1 and 2
+threads, median of --runs after warm-up), all measured in this one run.
+
+    python scripts/bench_ptq.py                      # every model, markdown table on stdout
+    python scripts/bench_ptq.py --models fmnist_mobilenet --calibration_samples 1000
+    python scripts/bench_ptq.py --memory             # peak RSS vs number of calibration samples
+
+Keras applications models are built with weights=None (no downloads here) at
+reduced resolution and are fed uniform random inputs: they show coverage,
+size and speed; accuracy claims come from the Fashion-MNIST model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import qtoolkit  # noqa: F401  (Keras 2 before TensorFlow)
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from qtoolkit import datasets, export, latency, verify, zoo
+from qtoolkit.pipeline import ptq
+
+APPS = {"MobileNet": 96, "MobileNetV2": 96, "MobileNetV3Small": 96, "ResNet50": 64, "EfficientNetB0": 96}
+CACHE = os.path.join("build", "bench")
+
+
+def fashion_model():
+    """MobileNet-v1-style CNN on Fashion-MNIST, trained once and cached."""
+    path = os.path.join(CACHE, "fmnist_mobilenet.keras")
+    (x_train, _), (x_test, y_test) = datasets.load("fashion_mnist")
+    if os.path.exists(path):
+        model = keras.models.load_model(path, compile=False)
+    else:
+        model = zoo.mobilenet_v1_small((28, 28, 1), 10)
+        start = time.time()
+        acc = zoo.train(model, "fashion_mnist", epochs=3)
+        print(f"# trained fmnist_mobilenet in {time.time() - start:.0f} s: test accuracy {acc:.4f}", file=sys.stderr)
+        os.makedirs(CACHE, exist_ok=True)
+        model.save(path)
+    return model, x_train, x_test, y_test
+
+
+def app_model(name):
+    size = APPS[name]
+    model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3),
+                                              classifier_activation=None)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (1200, size, size, 3)).astype(np.float32)
+    return model, x[:1000], x[1000:], None
+
+
+def bench(name, n_cal, n_ver, runs):
+    model, pool, x_ver, y_ver = fashion_model() if name == "fmnist_mobilenet" else app_model(name)
+    calib = pool[:n_cal]
+    x_ver = x_ver[:n_ver]
+    y_ver = None if y_ver is None else y_ver[:n_ver]
+    rows = {}
+    start = time.perf_counter()
+    ours = ptq(model, calib, "int8", verification_data=x_ver, labels=y_ver, progress=False)
+    t_ours = time.perf_counter() - start - ours.seconds["verify"]
+    start = time.perf_counter()
+    theirs = export.converter_ptq_tflite(model, lambda: ([calib[i:i + 1]] for i in range(len(calib))))
+    t_theirs = time.perf_counter() - start
+    flt = export.float_tflite(model)
+    ref = model.predict(x_ver, batch_size=64, verbose=0)
+    their_cmp = verify.compare(ref, verify.LiteRTModel(theirs).predict(x_ver), y_ver)
+    lat = {(kind, t): latency.median_ms(data, threads=t, runs=runs)
+           for kind, data in (("float", flt), ("converter", theirs), ("qtoolkit", ours.tflite)) for t in (1, 2)}
+    for tool, data, cmp, secs in (("converter PTQ", theirs, their_cmp, t_theirs),
+                                  ("qtoolkit", ours.tflite, ours.comparisons["float vs TFLite"], t_ours)):
+        insp = export.inspect(data)
+        key = "converter" if tool == "converter PTQ" else "qtoolkit"
+        rows[tool] = {
+            "convert s": f"{secs:.1f}", "size KiB": f"{len(data) / 1024:.0f}",
+            "fully int8": "yes" if insp.fully_quantized else f"no ({len(insp.float_ops)} float ops)",
+            "per-channel": f"{sum(w.per_channel for w in insp.weights)}/{len(insp.weights)}",
+            "SQNR dB": f"{cmp.sqnr_db:.2f}", "top-1 agree": f"{cmp.top1_agreement:.4f}",
+            "accuracy (float)": "-" if cmp.candidate_accuracy is None else
+            f"{cmp.candidate_accuracy:.4f} ({cmp.reference_accuracy:.4f})",
+            "int8/float latency 1T": f"{lat[(key, 1)] / lat[('float', 1)]:.2f}",
+            "int8/float latency 2T": f"{lat[(key, 2)] / lat[('float', 2)]:.2f}",
+        }
+    gap = ours.comparisons["simulated vs TFLite"].max_error_steps
+    return rows, gap, lat
+
+
+def memory(samples):
+    """Peak RSS of a qtoolkit conversion (child process) for each number of calibration samples."""
+    print("| calibration samples | peak RSS MiB | calibrate s |\n|---:|---:|---:|")
+    for n in samples:
+        code = ("import qtoolkit, resource, sys; sys.argv=['x']; "
+                "from qtoolkit.pipeline import ptq; "
+                f"r = ptq('{CACHE}/fmnist_mobilenet.keras', '{CACHE}/fmnist_calib.npy', 'int8', "
+                f"num_calibration_samples={n}, num_verification_samples=100, progress=False); "
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, r.calibration.seconds)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        rss, secs = out.stdout.split()[-2:]
+        print(f"| {n} | {float(rss):.0f} | {float(secs):.1f} |", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="fmnist_mobilenet," + ",".join(APPS))
+    parser.add_argument("--calibration_samples", type=int, default=500)
+    parser.add_argument("--verification_samples", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--memory", action="store_true", help="measure peak memory vs calibration samples")
+    args = parser.parse_args()
+    if args.memory:
+        model, x_train, _, _ = fashion_model()
+        np.save(os.path.join(CACHE, "fmnist_calib.npy"), x_train[:20000])
+        memory([500, 2000, 8000, 19000])
+        return
+    print(f"# {tf.__version__=}, calibration samples {args.calibration_samples}, "
+          f"{os.cpu_count()} CPUs\n")
+    header = None
+    for name in args.models.split(","):
+        rows, gap, lat = bench(name, args.calibration_samples, args.verification_samples, args.runs)
+        if header is None:
+            header = ["model", "tool", *next(iter(rows.values()))]
+            print("| " + " | ".join(header) + " |")
+            print("|" + "---|" * len(header))
+        for tool, row in rows.items():
+            print(f"| {name} | {tool} | " + " | ".join(row.values()) + " |", flush=True)
+        print(f"<!-- {name}: simulation gap {gap:.2f} output steps; float latency "
+              f"{lat[('float', 1)]:.2f} ms (1T) {lat[('float', 2)]:.2f} ms (2T) -->", flush=True)
+
+
+if __name__ == "__main__":
+    main()
