@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 
 from qtoolkit import _env  # noqa: F401  (before TensorFlow)
@@ -89,7 +90,8 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
         model, calibration_data, scheme, output, num_calibration_samples=num_calibration_samples,
         num_verification_samples=num_verification_samples, verification_data=verification_data, labels=y,
         range_method=range_method, io_dtype=io_dtype, batch_size=batch_size, strict=strict,
-        image_size=size, image_scale=_pair(image_scale, "image_scale", float), allow_unsafe=allow_unsafe)
+        image_size=size, image_scale=_pair(image_scale, "image_scale", float), allow_unsafe=allow_unsafe,
+        log=lambda message: print(message, file=out, flush=True))
     print(f"scheme {result.scheme.name}: {result.path}", file=out)
     for note in result.notes:
         print(f"note: {note}", file=out)
@@ -141,6 +143,8 @@ def main(argv):
 
     absl_logging.set_verbosity(absl_logging.INFO if _VERBOSE.value else absl_logging.ERROR)
     logging.getLogger("tensorflow").setLevel(logging.DEBUG if _VERBOSE.value else logging.ERROR)
+    # SIGTERM (CI timeouts, `kill`) ends the run like Ctrl-C: cleanly, nothing written.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         with _env.quiet_native_stderr(enabled=not _VERBOSE.value):
             _run_from_flags()
@@ -150,9 +154,15 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
+        print("error: interrupted; nothing was written (an existing output file is unchanged)", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _run_from_flags():

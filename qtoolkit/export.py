@@ -157,6 +157,24 @@ def float_tflite(model) -> bytes:
     return _convert(_converter_for(model))
 
 
+def check_size_estimate(model, bytes_per_parameter: float = 1.0) -> int:
+    """Fails before converting when the flatbuffer would exceed TFLite's 2 GB limit.
+
+    Returns:
+      The estimated size in bytes (parameters times bytes per parameter).
+
+    Raises:
+      ExportError: the estimate is over the limit.
+    """
+    params = int(sum(int(np.prod(w.shape)) for w in model.weights))
+    estimate = int(params * bytes_per_parameter)
+    if estimate > TFLITE_MAX_BYTES:
+        raise ExportError(
+            f"the model has {params:,} parameters: its TFLite flatbuffer would be about {estimate / 2**30:.1f} GiB, "
+            f"over TFLite's 2 GiB flatbuffer limit; split the model into parts and convert each")
+    return estimate
+
+
 def check_writable(path: str) -> str:
     """Fails early (before any work) if `path` cannot be written; returns it absolute.
 
@@ -169,8 +187,14 @@ def check_writable(path: str) -> str:
         raise ExportError(f"output {path} is a folder; give a file path such as {path}/model.tflite")
     if not os.path.isdir(folder):
         raise ExportError(f"output folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ExportError(f"output folder {folder} is not writable; choose another --output or fix its permissions")
+    # Try it: permission bits say nothing for root or read-only file systems.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ExportError(f"output folder {folder} is not writable ({e.strerror}); choose another --output "
+                          "or fix its permissions") from None
     return path
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import zipfile
 from typing import Optional
 
@@ -44,6 +45,65 @@ def _keras_version_of_zip(path: str) -> Optional[str]:
         return None
 
 
+def _lambda_layers(config) -> list[str]:
+    """Names of the Lambda layers (serialized Python code) anywhere in a model config."""
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "Lambda":
+                cfg = node.get("config", {})
+                found.append(str(cfg.get("name", "?")) if isinstance(cfg, dict) else "?")
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(config)
+    return found
+
+
+def _model_config(path: str, kind: str):
+    """The model's JSON config read without deserializing anything, or None."""
+    try:
+        if kind == "keras":
+            with zipfile.ZipFile(path) as z:
+                return json.loads(z.read("config.json"))
+        if kind == "h5":
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                raw = f.attrs.get("model_config")
+            if raw is None:
+                return None
+            return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+        if kind == "saved_model":
+            meta = os.path.join(path, "keras_metadata.pb")
+            if not os.path.isfile(meta):
+                return None
+            with open(meta, "rb") as f:
+                data = f.read()
+            # The metadata proto embeds one JSON document per layer; look for Lambda ones.
+            names = [m.decode(errors="replace") for m in
+                     re.findall(rb'"class_name": "Lambda", "config": \{"name": "([^"]+)"', data)]
+            return {"layers": [{"class_name": "Lambda", "config": {"name": n}} for n in names]}
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    return None
+
+
+def _refuse_unsafe(path: str, kind: str, allow_unsafe: bool) -> None:
+    if allow_unsafe:
+        return
+    lambdas = _lambda_layers(_model_config(path, kind))
+    if lambdas:
+        raise ModelLoadError(
+            f"{path} contains serialized Python code in Lambda layer(s) {', '.join(sorted(set(lambdas)))}; "
+            "qtoolkit does not run code from model files by default. If you trust the file, pass "
+            "--allow_unsafe_deserialization (allow_unsafe=True)")
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
@@ -64,6 +124,7 @@ def load_model(path: str, allow_unsafe: bool = False) -> LoadedModel:
                 or os.path.isfile(os.path.join(path, "saved_model.pbtxt"))):
             raise ModelLoadError(f"{path} is a folder but not a SavedModel (no saved_model.pb); "
                                  "give a SavedModel folder, a .keras or an .h5 file")
+        _refuse_unsafe(path, "saved_model", allow_unsafe)
         try:
             model = keras.models.load_model(path, compile=False, custom_objects=scope,
                                             safe_mode=not allow_unsafe)
@@ -94,6 +155,7 @@ def load_model(path: str, allow_unsafe: bool = False) -> LoadedModel:
         kind = "h5"
     else:
         raise ModelLoadError(f"{path}: unknown model format; give a SavedModel folder, a .keras or an .h5 file")
+    _refuse_unsafe(path, kind, allow_unsafe)
     try:
         model = keras.models.load_model(path, compile=False, custom_objects=scope, safe_mode=not allow_unsafe)
     except Exception as e:  # noqa: BLE001  (Keras raises many types for bad files)

@@ -79,7 +79,7 @@ def ptq(model: Any, calibration_data: Any, scheme: Any = "int8", output: Optiona
         num_calibration_samples: Optional[int] = None, num_verification_samples: Optional[int] = None,
         verification_data: Any = None, labels: Optional[np.ndarray] = None, range_method: Optional[str] = None,
         io_dtype: str = "int8", batch_size: int = 32, strict: bool = False, progress: bool = True,
-        image_size=None, image_scale=(0.0, 1.0), allow_unsafe: bool = False, log=print) -> PTQResult:
+        image_size=None, image_scale=(0.0, 1.0), allow_unsafe: bool = False, log=None) -> PTQResult:
     """Post-training quantization of a model, verified with the LiteRT interpreter.
 
     Args:
@@ -100,13 +100,14 @@ def ptq(model: Any, calibration_data: Any, scheme: Any = "int8", output: Optiona
       progress: show progress bars.
       image_size, image_scale: for image-folder data.
       allow_unsafe: allow loading models with serialized Python code.
-      log: where progress messages go (print, or a logger's info).
+      log: a function that takes progress messages (e.g. print), or None.
 
     Raises:
       loading.ModelLoadError, calibrate.DataError, schemes.SchemeError,
       rewrite.UnquantizableLayersError, export.ExportError, ValueError.
     """
     seconds = {}
+    log = log or (lambda message: None)
     t0 = time.perf_counter()
     if output:
         export.check_writable(output)
@@ -121,6 +122,7 @@ def ptq(model: Any, calibration_data: Any, scheme: Any = "int8", output: Optiona
         load_model(model, allow_unsafe) if isinstance(model, str) else LoadedModel("<in memory>", model, "keras"))
     keras_model = loaded.keras_model
     if keras_model is not None:
+        export.check_size_estimate(keras_model, 1.0)  # int8 weights: one byte per parameter
         specs = [(t.name.split(":")[0], tuple(t.shape), t.dtype.as_numpy_dtype) for t in keras_model.inputs]
     else:
         specs = _saved_model_specs(loaded.path)
@@ -161,7 +163,10 @@ def ptq(model: Any, calibration_data: Any, scheme: Any = "int8", output: Optiona
         path = "qtoolkit rewrite + calibration, TFLite converter (fake-quant path)"
         rewritten = rewrite.rewrite(keras_model, scheme, strict=strict)
         seconds["rewrite"] = time.perf_counter() - t1
+        log(f"calibrating {len(rewritten.quant_points)} activation ranges ({scheme.activations.method}) "
+            f"on {n_cal} samples")
         calibration = cal.calibrate(rewritten, source, n_cal, scheme, batch_size, progress)
+        log("converting with the TFLite converter")
         seconds["calibrate"] = calibration.seconds
         t2 = time.perf_counter()
         data = export.fake_quant_to_tflite(rewritten.model, io_dtype)

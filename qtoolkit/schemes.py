@@ -70,7 +70,7 @@ class ActivationQuant:
     symmetric: bool = False
     narrow_range: bool = False
     granularity: str = "per_tensor"
-    method: str = "minmax"
+    method: str = "mse"
     ema_decay: float = 0.9
     percentile: float = 99.99
     num_bins: int = 2048

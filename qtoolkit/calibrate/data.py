@@ -29,13 +29,15 @@ class DataError(ValueError):
 Spec = tuple  # (name, shape with batch axis, dtype)
 
 
-def _check(arrays: list[np.ndarray], specs: Sequence[Spec], where: str, offset: int) -> list[np.ndarray]:
+def _check(arrays: list[np.ndarray], specs: Sequence[Spec], where: str, offset: int,
+           full_shapes: Optional[list] = None) -> list[np.ndarray]:
     if len(arrays) != len(specs):
         raise DataError(f"{where}: the model has {len(specs)} inputs ({', '.join(s[0] for s in specs)}) "
                         f"but the data gives {len(arrays)}; give an .npz with one array per input name")
     out = []
-    for a, (name, shape, dtype) in zip(arrays, specs):
+    for i, (a, (name, shape, dtype)) in enumerate(zip(arrays, specs)):
         a = np.asarray(a)
+        shown = full_shapes[i] if full_shapes else a.shape
         if a.dtype.kind not in "fiub" or a.dtype == np.bool_:
             raise DataError(f"{where}: input {name!r} has dtype {a.dtype}; calibration data must be numeric "
                             "(float32, already preprocessed as the model expects)")
@@ -44,7 +46,7 @@ def _check(arrays: list[np.ndarray], specs: Sequence[Spec], where: str, offset: 
             raise DataError(f"{where}: input {name!r} expects samples of shape "
                             f"{tuple('?' if w is None else w for w in want)} (array shape (N, "
                             f"{', '.join('?' if w is None else str(w) for w in want)})), got array shape "
-                            f"{a.shape}; samples go on axis 0, preprocessed as the model expects")
+                            f"{shown}; samples go on axis 0, preprocessed as the model expects")
         if a.dtype.kind == "f":
             bad = ~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
             if bad.any():
@@ -92,13 +94,13 @@ class ArraySource(Source):
 
     def __init__(self, arrays: list[np.ndarray], specs, description):
         lengths = {len(a) for a in arrays}
-        if len(arrays) != len(specs):
-            _check([a[:1] for a in arrays], specs, description, 0)
+        if 0 in lengths:
+            raise DataError(f"{description}: no samples (the array is empty)")
+        # Shape and dtype of the whole arrays, before anything runs.
+        _check([a[:1] for a in arrays], specs, description, 0, [a.shape for a in arrays])
         if len(lengths) != 1:
             raise DataError(f"{description}: inputs have different numbers of samples {sorted(lengths)}")
         n = lengths.pop()
-        if n == 0:
-            raise DataError(f"{description}: no samples (the array is empty)")
         super().__init__(specs, description, n)
         self.arrays = arrays
 
