@@ -227,5 +227,8 @@ class ChannelAffine(keras.layers.Layer):
 
 def custom_objects() -> dict:
     """The scope to load a model saved after rewriting: `load_model(p, custom_objects=custom_objects())`."""
+    from qtoolkit.rewrite.qat_layers import QATFoldedConv, QATQuantizeActivation
+
     return {"RangeQuantizer": RangeQuantizer, "QuantizeActivation": QuantizeActivation,
-            "FoldedConv": FoldedConv, "ChannelAffine": ChannelAffine}
+            "FoldedConv": FoldedConv, "ChannelAffine": ChannelAffine,
+            "QATFoldedConv": QATFoldedConv, "QATQuantizeActivation": QATQuantizeActivation}

@@ -27,6 +27,7 @@ import tf_keras as keras
 
 from qtoolkit.rewrite import graph as g
 from qtoolkit.rewrite.layers import FoldedConv, QuantizeActivation, RangeQuantizer
+from qtoolkit.rewrite.qat_layers import QATFoldedConv, QATQuantizeActivation
 from qtoolkit.schemes import QuantScheme
 
 log = logging.getLogger("qtoolkit")
@@ -249,13 +250,16 @@ def _fold(step: _Step) -> tuple[np.ndarray, np.ndarray]:
     return kernel.astype(np.float32), bias.astype(np.float32)
 
 
-def rewrite(model, scheme: QuantScheme, strict: bool = False) -> Rewritten:
+def rewrite(model, scheme: QuantScheme, strict: bool = False, qat: bool = False,
+            ema_decay: float = 0.999) -> Rewritten:
     """Rewrites a tf_keras model for quantization (see the module docstring).
 
     Args:
       model: a built tf_keras Functional or Sequential model (nested models are inlined).
       scheme: how weights and activations are quantized.
       strict: raise instead of leaving unknown layers in float.
+      qat: build training layers (batch norm folded with correction, EMA ranges).
+      ema_decay: EMA decay of activation ranges when `qat`.
 
     Returns:
       A Rewritten with the fake-quant model and its float twin.
@@ -275,7 +279,8 @@ def rewrite(model, scheme: QuantScheme, strict: bool = False) -> Rewritten:
                     "TFLite runs it in int8 only if it has an int8 kernel for it (see the float ops of the "
                     "inspection)", name, type(next(s.node.layer for s in steps if s.node.name == name)).__name__)
     fused = {id(s): _fold(s) for s in steps if s.kind == "fused"}
-    qmodel, _, names, fixed = _build(flat, steps, fused, scheme, quantize=True, model_name=model.name)
+    qmodel, _, names, fixed = _build(flat, steps, fused, scheme, quantize=True, model_name=model.name,
+                                     qat=qat, ema_decay=ema_decay)
     fmodel, probes, names_f, _ = _build(flat, steps, fused, scheme, quantize=False, model_name=model.name)
     assert names == names_f
     float_model = keras.Model(fmodel.inputs, [*fmodel.outputs, *probes], name=f"{model.name}_float_twin")
@@ -285,7 +290,8 @@ def rewrite(model, scheme: QuantScheme, strict: bool = False) -> Rewritten:
     return result
 
 
-def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, model_name: str):
+def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, model_name: str,
+           qat: bool = False, ema_decay: float = 0.999):
     """Builds the fake-quant model (quantize=True) or its float twin."""
     acts = scheme.activations
     tensors: dict[int, object] = {}
@@ -311,6 +317,8 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
             probes.append(tensor)
             return tensor
         quantizer = RangeQuantizer(acts.bits, acts.symmetric, acts.narrow_range)
+        if qat:
+            return QATQuantizeActivation(quantizer, fixed_range=fixed_range, ema_decay=ema_decay, name=name)(tensor)
         return QuantizeActivation(quantizer, fixed_range=fixed_range, name=name)(tensor)
 
     for tid, (name, shape, dtype) in zip(flat.inputs, flat.input_specs):
@@ -328,6 +336,28 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
                                    per_channel=wq.granularity == "per_channel",
                                    channels=bias.shape[0]) if quantize else None
         return FoldedConv(kind, kernel.shape, bias.shape[0], act, quantizer, name=unique(_safe(name)), **conv_args)
+
+    def qat_conv(step, kind, act, conv_args):
+        """A QATFoldedConv holding the unfolded kernel and the batch norm's parameters."""
+        layer = step.node.layer
+        kernel = (layer.depthwise_kernel if kind == "depthwise" else layer.kernel).numpy()
+        units = kernel.shape[2] * kernel.shape[3] if kind == "depthwise" else kernel.shape[-1]
+        bias = layer.bias.numpy() if layer.use_bias else np.zeros(units, np.float32)
+        bns = [a.layer for a in step.absorbed if isinstance(a.layer, L.BatchNormalization)]
+        wq = scheme.weights
+        quantizer = RangeQuantizer(wq.bits, wq.symmetric, wq.narrow_range,
+                                   per_channel=wq.granularity == "per_channel", channels=units)
+        weights = [kernel, bias]
+        kwargs = {}
+        if bns:
+            bn = bns[0]
+            params = {w.name.split("/")[-1].split(":")[0]: w.numpy() for w in bn.weights}
+            weights += [params.get("gamma", np.ones(units, np.float32)), params.get("beta", np.zeros(units, np.float32)),
+                        params["moving_mean"], params["moving_variance"]]
+            kwargs = {"epsilon": bn.epsilon, "momentum": bn.momentum}
+        new = QATFoldedConv(kind, kernel.shape, units, act, quantizer, has_bn=bool(bns), name=unique(_safe(step.node.name)),
+                            **kwargs, **conv_args)
+        return new, weights
 
     def load_folded(layer, kernel, bias):
         layer.set_weights([kernel, bias] + [np.zeros_like(w.numpy()) for w in layer.weights[2:]])
@@ -351,9 +381,14 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
             act = "linear" if step.activation == "?" else step.activation
             conv_args = {} if kind == "dense" else {
                 "strides": layer.strides, "padding": layer.padding, "dilation_rate": layer.dilation_rate}
-            new = folded_conv(kind, kernel, bias, act, node.name, conv_args)
-            out = g.call(node, tensors, layer=new)
-            load_folded(new, kernel, bias)
+            if qat and quantize:
+                new, weights = qat_conv(step, kind, act, conv_args)
+                out = g.call(node, tensors, layer=new)
+                new.set_weights(weights + [w.numpy() for w in new.weights[len(weights):]])
+            else:
+                new = folded_conv(kind, kernel, bias, act, node.name, conv_args)
+                out = g.call(node, tensors, layer=new)
+                load_folded(new, kernel, bias)
             if step.activation == "?":
                 # Non-fusable activation (e.g. swish): TFLite runs it as its own op.
                 out = quant_point(out, node.name + "_preact")

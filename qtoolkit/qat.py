@@ -1,0 +1,124 @@
+"""Quantization-aware training: a trainable fake-quant model, and its export.
+
+    import qtoolkit
+    qat_model = qtoolkit.quantize_model(model, "int8")          # BN folded with correction, EMA ranges
+    qat_model.compile(...); qat_model.fit(..., callbacks=[qtoolkit.callbacks.QuantizationCallback(...)])
+    summary = qtoolkit.export_tflite(qat_model, "model_int8.tflite")
+
+The QAT model places fake quant exactly where the PTQ rewriter does (and so
+where TFLite quantizes); `export_tflite` turns it into the same inference
+model PTQ produces (batch norm folded with the moving statistics, the
+learned ranges) and converts it with the TFLite converter's fake-quant path:
+no calibration data is needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import tf_keras as keras
+
+from qtoolkit import export
+from qtoolkit.rewrite import rewrite
+from qtoolkit.rewrite.layers import FoldedConv, QuantizeActivation, RangeQuantizer
+from qtoolkit.rewrite.qat_layers import QATFoldedConv, QATQuantizeActivation
+from qtoolkit.schemes import QuantScheme, load as load_scheme
+
+
+def quantize_model(model, scheme: Any = "int8", *, ema_decay: float = 0.999, calibration_data: Any = None,
+                   num_calibration_samples: int = 256, strict: bool = False) -> keras.Model:
+    """A trainable model with fake quant on weights and activations (straight-through gradients).
+
+    Args:
+      model: a trained float tf_keras model (Functional or Sequential; nested models are inlined).
+      scheme: preset name, YAML path or QuantScheme (its activation bits, weight bits and granularity).
+      ema_decay: decay of the activation ranges' moving average of batch min/max.
+      calibration_data: optional representative data to initialise the ranges
+        (otherwise the first training batch initialises them).
+      num_calibration_samples: samples used from `calibration_data`.
+      strict: fail if a layer cannot be quantized.
+
+    Returns:
+      A tf_keras model to compile and fit; save it with `model.save` and load it
+      with `custom_objects=qtoolkit.custom_objects()`.
+    """
+    scheme = scheme if isinstance(scheme, QuantScheme) else load_scheme(scheme)
+    if scheme.activations is None:
+        raise ValueError("quantize_model needs a scheme with activation quantization (not weight_only_int8)")
+    result = rewrite(model, scheme, strict=strict, qat=True, ema_decay=ema_decay)
+    if calibration_data is not None:
+        from qtoolkit import calibrate
+
+        specs = [(t.name.split(":")[0], tuple(t.shape), t.dtype.as_numpy_dtype) for t in model.inputs]
+        source = calibrate.open_source(calibration_data, specs)
+        n = min(num_calibration_samples, source.num_samples or num_calibration_samples)
+        calibrate.calibrate(result, source, n, scheme.replace(activations={"method": "minmax"}), progress=False)
+    return result.model
+
+
+def to_inference_model(qat_model) -> keras.Model:
+    """The deployable fake-quant model of a QAT model: BN folded with the moving statistics, learned ranges."""
+    def clone(layer):
+        if isinstance(layer, QATFoldedConv):
+            config = layer.get_config()
+            conv_args = {} if layer.kind == "dense" else {
+                "strides": layer.strides, "padding": layer.padding, "dilation_rate": layer.dilation_rate}
+            quantizer = RangeQuantizer.from_config(config["weight_quantizer"]) if layer.weight_quantizer else None
+            return FoldedConv(layer.kind, layer.kernel_shape, layer.units, layer.activation, quantizer,
+                              name=layer.name, **conv_args)
+        if isinstance(layer, QATQuantizeActivation):
+            return QuantizeActivation(RangeQuantizer.from_config(layer.quantizer.get_config()),
+                                      fixed_range=layer.fixed_range, name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    model = keras.models.clone_model(qat_model, clone_function=clone)
+    for src, dst in zip(qat_model.layers, model.layers):
+        if isinstance(src, QATFoldedConv):
+            kernel, bias = src.folded()
+            dst.set_weights([kernel.numpy(), bias.numpy()] + [w.numpy() for w in dst.weights[2:]])
+            dst.calibrate_weights()
+        elif isinstance(src, QATQuantizeActivation):
+            lo, hi = src.get_range()
+            dst.set_range(lo, hi)
+        else:
+            dst.set_weights(src.get_weights())
+    return model
+
+
+def export_tflite(qat_model, path: Optional[str] = None, io_dtype: str = "int8"):
+    """Exports a QAT model to int8 TFLite (no calibration data needed).
+
+    Args:
+      qat_model: a model from `quantize_model` (trained or not).
+      path: where to write the flatbuffer atomically, or None.
+      io_dtype: "int8", "uint8" or "float32" inputs/outputs.
+
+    Returns:
+      (flatbuffer bytes, export.Inspection).
+    """
+    if path:
+        export.check_writable(path)
+    inference = to_inference_model(qat_model)
+    data = export.fake_quant_to_tflite(inference, io_dtype)
+    if path:
+        export.write_atomic(path, data)
+    return data, export.inspect(data)
+
+
+def set_schedule(model, *, quant_active: Optional[bool] = None, bn_frozen: Optional[bool] = None,
+                 ranges_frozen: Optional[bool] = None) -> None:
+    """Switches the QAT schedule flags of every QAT layer of `model`."""
+    for layer in model.layers:
+        for name, value in (("quant_active", quant_active), ("bn_frozen", bn_frozen),
+                            ("ranges_frozen", ranges_frozen)):
+            var = getattr(layer, name, None)
+            if value is not None and var is not None and not (
+                    name == "ranges_frozen" and getattr(layer, "fixed_range", None) is not None):
+                var.assign(value)
+
+
+def custom_objects() -> dict:
+    from qtoolkit.rewrite import custom_objects as _co
+
+    return _co()

@@ -1,0 +1,222 @@
+"""Training-time layers for quantization-aware training (paper section 3).
+
+    act = QATQuantizeActivation(RangeQuantizer(8), ema_decay=0.999)   # EMA ranges
+    conv = QATFoldedConv(kind="conv2d", ..., bn=(gamma, beta, mean, var, eps, momentum))
+
+`QATFoldedConv` is the paper's batch-norm folding for training (figure C.8):
+during training, before the batch-norm freeze, it computes the batch
+statistics with a float convolution, quantizes the weights folded with the
+*moving* standard deviation, W·γ/σ (the weights that will be deployed), and
+corrects the output by σ/σ_B (c = σ_B/σ in the paper) so that training sees
+batch normalisation with batch statistics; after the freeze (and at
+inference) it is exactly the deployed layer: conv(x, fq(W·γ/σ)) + β − γμ/σ.
+
+Schedule switches are non-trainable variables that `QuantizationCallback`
+assigns: `quant_active` (fake quant applied, after the quantization delay),
+`bn_frozen`, `ranges_frozen`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from qtoolkit.rewrite.layers import FUSABLE_ACTIVATIONS, QuantizeActivation, RangeQuantizer
+
+
+def _flag(layer, name, value):
+    return layer.add_weight(name, shape=(), dtype=tf.bool, trainable=False,
+                            initializer=keras.initializers.Constant(value))
+
+
+class QATQuantizeActivation(QuantizeActivation):
+    """Activation fake quant whose range is an EMA of batch min/max while training.
+
+    Args:
+      quantizer: RangeQuantizer (per-tensor).
+      fixed_range: as QuantizeActivation (then no EMA).
+      ema_decay: decay of the moving average.
+    """
+
+    def __init__(self, quantizer=None, fixed_range=None, ema_decay=0.999, **kwargs):
+        super().__init__(quantizer, fixed_range, **kwargs)
+        self.ema_decay = float(ema_decay)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.initialized = _flag(self, "initialized", self.fixed_range is not None)
+        self.quant_active = _flag(self, "quant_active", True)
+        self.ranges_frozen = _flag(self, "ranges_frozen", self.fixed_range is not None)
+
+    def set_range(self, lo, hi) -> None:
+        super().set_range(lo, hi)
+        if self.built:
+            self.initialized.assign(True)
+
+    def call(self, inputs, training=None):
+        if training is None:
+            training = keras.backend.learning_phase()
+        if isinstance(training, bool) and training or (not isinstance(training, bool) and training is not None):
+            self._update_range(inputs, training)
+        lo = tf.minimum(self.range["min"], 0.0)
+        hi = tf.maximum(self.range["max"], lo + 1e-8)
+        quantized = q_fake(inputs, lo, hi, self.quantizer)
+        return tf.cond(self.quant_active & self.initialized, lambda: quantized, lambda: tf.identity(inputs))
+
+    def _update_range(self, inputs, training):
+        def update():
+            x = tf.stop_gradient(inputs)
+            bmin, bmax = tf.reduce_min(x), tf.reduce_max(x)
+            replica = tf.distribute.get_replica_context()
+            if replica is not None and replica.num_replicas_in_sync > 1:
+                # The same ranges as one device on the global batch.
+                bmin = tf.reduce_min(replica.all_gather(bmin[None], 0))
+                bmax = tf.reduce_max(replica.all_gather(bmax[None], 0))
+            d = self.ema_decay
+            new_min = tf.where(self.initialized, d * self.range["min"] + (1 - d) * bmin, bmin)
+            new_max = tf.where(self.initialized, d * self.range["max"] + (1 - d) * bmax, bmax)
+            self.range["min"].assign(new_min)
+            self.range["max"].assign(new_max)
+            self.initialized.assign(True)
+            return tf.constant(True)
+
+        training = tf.cast(training, tf.bool)
+        tf.cond(training & tf.logical_not(self.ranges_frozen), update, lambda: tf.constant(False))
+
+    def get_config(self):
+        return {**super().get_config(), "ema_decay": self.ema_decay}
+
+
+def q_fake(x, lo, hi, quantizer: RangeQuantizer):
+    return tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=quantizer.bits,
+                                                        narrow_range=quantizer.narrow_range)
+
+
+class QATFoldedConv(keras.layers.Layer):
+    """Conv2D / DepthwiseConv2D / Dense with its batch norm folded for training.
+
+    Args:
+      kind: "conv2d", "depthwise" or "dense".
+      kernel_shape: unfolded kernel shape; units: output channels.
+      activation: "linear", "relu" or "relu6" (fused).
+      weight_quantizer: RangeQuantizer for the folded kernel (symmetric).
+      has_bn: whether a batch norm is folded in (else a plain bias).
+      epsilon, momentum: the batch norm's.
+      strides, padding, dilation_rate: conv arguments.
+    """
+
+    def __init__(self, kind, kernel_shape, units, activation="linear", weight_quantizer=None, has_bn=True,
+                 epsilon=1e-3, momentum=0.99, strides=(1, 1), padding="valid", dilation_rate=(1, 1), **kwargs):
+        super().__init__(**kwargs)
+        if activation not in FUSABLE_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {FUSABLE_ACTIVATIONS}, got {activation!r}")
+        if isinstance(weight_quantizer, dict):
+            weight_quantizer = RangeQuantizer.from_config(weight_quantizer)
+        self.kind, self.kernel_shape, self.units = kind, tuple(kernel_shape), int(units)
+        self.activation, self.weight_quantizer, self.has_bn = activation, weight_quantizer, has_bn
+        self.epsilon, self.momentum = float(epsilon), float(momentum)
+        self.strides, self.padding, self.dilation_rate = tuple(strides), padding, tuple(dilation_rate)
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight("kernel", shape=self.kernel_shape, initializer="glorot_uniform")
+        self.bias = self.add_weight("bias", shape=(self.units,), initializer="zeros")
+        if self.has_bn:
+            self.gamma = self.add_weight("gamma", shape=(self.units,), initializer="ones")
+            self.beta = self.add_weight("beta", shape=(self.units,), initializer="zeros")
+            self.moving_mean = self.add_weight("moving_mean", shape=(self.units,), initializer="zeros",
+                                               trainable=False)
+            self.moving_variance = self.add_weight("moving_variance", shape=(self.units,), initializer="ones",
+                                                   trainable=False)
+            self.bn_frozen = _flag(self, "bn_frozen", False)
+        self.quant_active = _flag(self, "quant_active", True)
+        super().build(input_shape)
+
+    # -- the pieces -----------------------------------------------------------------
+    def _channel_scale(self, kernel, scale):
+        if self.kind == "depthwise":
+            return kernel * tf.reshape(scale, self.kernel_shape[2:])
+        return kernel * scale
+
+    def _op(self, x, kernel):
+        if self.kind == "conv2d":
+            return tf.nn.conv2d(x, kernel, self.strides, self.padding.upper(), dilations=self.dilation_rate)
+        if self.kind == "depthwise":
+            return tf.nn.depthwise_conv2d(x, kernel, (1, *self.strides, 1), self.padding.upper(),
+                                          dilations=self.dilation_rate)
+        if x.shape.rank == 2:
+            return tf.matmul(x, kernel)
+        return tf.tensordot(x, kernel, [[x.shape.rank - 1], [0]])
+
+    def _quantize_kernel(self, kernel):
+        """Per-channel (or per-tensor) symmetric fake quant on the current values (TFMOT's LastValue)."""
+        wq = self.weight_quantizer
+        if wq is None:
+            return kernel
+        flat = tf.reshape(kernel, (*self.kernel_shape[:2], self.units)) if self.kind == "depthwise" else kernel
+        axes = list(range(flat.shape.rank - 1)) if wq.per_channel else None
+        a = tf.reduce_max(tf.abs(flat), axis=axes)
+        a = tf.maximum(a, 1e-8)
+        if wq.per_channel:
+            out = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                flat, -a, a, num_bits=wq.bits, narrow_range=wq.narrow_range)
+        else:
+            out = tf.quantization.fake_quant_with_min_max_vars(flat, -a, a, num_bits=wq.bits,
+                                                               narrow_range=wq.narrow_range)
+        out = tf.reshape(out, self.kernel_shape) if self.kind == "depthwise" else out
+        return tf.cond(self.quant_active, lambda: out, lambda: tf.identity(kernel))
+
+    def folded(self):
+        """(kernel, bias) folded with the moving statistics: what is deployed."""
+        if not self.has_bn:
+            return self.kernel, self.bias
+        sigma = tf.sqrt(self.moving_variance + self.epsilon)
+        kernel = self._channel_scale(self.kernel, self.gamma / sigma)
+        bias = self.beta + self.gamma * (self.bias - self.moving_mean) / sigma
+        return kernel, bias
+
+    def call(self, inputs, training=None):
+        if training is None:
+            training = keras.backend.learning_phase()
+
+        def inference():
+            kernel, bias = self.folded()
+            return tf.nn.bias_add(self._op(inputs, self._quantize_kernel(kernel)), bias)
+
+        if not self.has_bn:
+            y = inference()
+        else:
+            def train():
+                y_float = tf.nn.bias_add(self._op(inputs, self.kernel), self.bias)
+                axes = list(range(y_float.shape.rank - 1))
+                mean_b, var_b = tf.nn.moments(y_float, axes)
+                replica = tf.distribute.get_replica_context()
+                if replica is not None and replica.num_replicas_in_sync > 1:
+                    # Synchronized statistics: the global batch's mean and variance.
+                    mean_sq = var_b + tf.square(mean_b)
+                    mean_b = replica.all_reduce("mean", mean_b)
+                    var_b = replica.all_reduce("mean", mean_sq) - tf.square(mean_b)
+                m = self.momentum  # as Keras' BatchNormalization: biased batch variance
+                self.moving_mean.assign(m * self.moving_mean + (1 - m) * tf.stop_gradient(mean_b))
+                self.moving_variance.assign(m * self.moving_variance + (1 - m) * tf.stop_gradient(var_b))
+                sigma = tf.sqrt(self.moving_variance + self.epsilon)
+                sigma_b = tf.sqrt(var_b + self.epsilon)
+                kernel = self._quantize_kernel(self._channel_scale(self.kernel, self.gamma / sigma))
+                # Correction: undo the moving sigma, apply the batch one (c = sigma_B / sigma).
+                y = self._op(inputs, kernel) * (sigma / sigma_b)
+                return y + self.beta + self.gamma * (self.bias - mean_b) / sigma_b
+
+            is_training = tf.cast(training, tf.bool) & tf.logical_not(self.bn_frozen)
+            y = tf.cond(is_training, train, inference)
+        if self.activation == "relu":
+            return tf.nn.relu(y)
+        if self.activation == "relu6":
+            return tf.nn.relu6(y)
+        return y
+
+    def get_config(self):
+        return {**super().get_config(), "kind": self.kind, "kernel_shape": self.kernel_shape, "units": self.units,
+                "activation": self.activation,
+                "weight_quantizer": None if self.weight_quantizer is None else self.weight_quantizer.get_config(),
+                "has_bn": self.has_bn, "epsilon": self.epsilon, "momentum": self.momentum,
+                "strides": self.strides, "padding": self.padding, "dilation_rate": self.dilation_rate}
