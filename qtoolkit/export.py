@@ -64,7 +64,7 @@ def fake_quant_to_tflite(model, io_dtype: str = "int8") -> bytes:
     """
     if io_dtype not in IO_DTYPES:
         raise ValueError(f"io_dtype must be one of {', '.join(IO_DTYPES)}, got {io_dtype!r}")
-    with _dense_kernels_snapped(model), _activations_at_least_8_bits(model):
+    with _kernels_snapped(model), _activations_at_least_8_bits(model):
         converter = _converter_for(model)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.inference_input_type = IO_DTYPES[io_dtype]
@@ -95,21 +95,26 @@ def _activations_at_least_8_bits(model):
 
 
 @contextlib.contextmanager
-def _dense_kernels_snapped(model):
-    """Per-channel Dense kernels: quantized values in the variable, no FakeQuant op.
+def _kernels_snapped(model):
+    """Per-channel kernels: quantized values in the variable, no FakeQuant op.
 
-    TFLite stores FULLY_CONNECTED weights transposed ([out, in]); the
-    converter cannot transpose a per-channel FakeQuant ('tfl.transpose op has
-    mismatched quantized axes'), but it quantizes a constant kernel per output
-    channel itself, symmetric with scale max|w|/127.  A kernel already on
-    qtoolkit's int8 grid comes out with the same codes.
+    The converter quantizes a constant Conv/Depthwise/FullyConnected kernel
+    per output channel itself, symmetric with scale max|w|/127; a kernel
+    already on qtoolkit's int8 grid comes out with the same codes and scales
+    (tested), and the graph without 8-bit weight FakeQuant ops converts
+    faster.  For Dense kernels it is required: TFLite stores FULLY_CONNECTED
+    weights transposed and the converter cannot transpose a per-channel
+    FakeQuant ("tfl.transpose op has mismatched quantized axes").  Conv
+    kernels below 8 bits keep their FakeQuant, which the converter honours
+    exactly (16 levels for 4 bits).
     """
     from qtoolkit.rewrite.layers import FoldedConv
 
     changed = []
     for layer in model.layers:
         wq = getattr(layer, "weight_quantizer", None)
-        if isinstance(layer, FoldedConv) and layer.kind == "dense" and wq is not None and wq.per_channel:
+        if isinstance(layer, FoldedConv) and wq is not None and wq.per_channel and (
+                layer.kind == "dense" or wq.bits == 8):
             original = layer.kernel.numpy()
             layer.kernel.assign(layer.quantized_kernel().numpy())
             layer.snapped = True

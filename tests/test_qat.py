@@ -1,0 +1,171 @@
+"""Quantization-aware training: BN folding with correction, EMA ranges, schedule, export, callback."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+
+import models
+import qtoolkit
+from helpers import random_inputs
+from qtoolkit import qat, verify
+from qtoolkit.callbacks import QuantizationCallback
+from qtoolkit.rewrite.qat_layers import QATFoldedConv, QATQuantizeActivation
+
+L = keras.layers
+
+
+def _conv_bn(kind):
+    inp = keras.Input((6, 6, 3))
+    if kind == "conv2d":
+        x = L.Conv2D(4, 3, use_bias=True, name="c")(inp)
+    elif kind == "depthwise":
+        x = L.DepthwiseConv2D(3, depth_multiplier=2, name="c")(inp)
+    else:
+        x = L.Dense(5, name="c")(L.Flatten()(inp))
+    out = L.BatchNormalization(name="bn")(x)
+    return models._randomize_bn(keras.Model(inp, out))
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "depthwise", "dense"])
+def test_bn_folding_matches_conv_then_bn(kind):
+    model = _conv_bn(kind)
+    x = random_inputs(model, 16)
+    qm = qat.quantize_model(model, "int8")
+    layer = [l for l in qm.layers if isinstance(l, QATFoldedConv)][0]
+    qat.set_schedule(qm, quant_active=False)
+    # Inference (and after the freeze): conv -> BN with moving statistics.
+    np.testing.assert_allclose(layer(x if kind != "dense" else x.reshape(16, -1), training=False),
+                               model(x, training=False), atol=1e-5)
+    # Training, before the freeze: the correction gives BN with batch statistics.
+    bn_train = model.get_layer("bn")
+    conv_out = model.get_layer("c")(x if kind != "dense" else L.Flatten()(x))
+    expected = bn_train(conv_out, training=True)
+    got = layer(x if kind != "dense" else x.reshape(16, -1), training=True)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    # Both updated their moving statistics the same way.
+    np.testing.assert_allclose(layer.moving_mean.numpy(), bn_train.moving_mean.numpy(), atol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), bn_train.moving_variance.numpy(), rtol=1e-4)
+
+
+def test_frozen_bn_stops_updating_statistics():
+    model = _conv_bn("conv2d")
+    qm = qat.quantize_model(model, "int8")
+    layer = [l for l in qm.layers if isinstance(l, QATFoldedConv)][0]
+    x = random_inputs(model, 8)
+    qat.set_schedule(qm, bn_frozen=True)
+    before = layer.moving_mean.numpy().copy()
+    layer(x, training=True)
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), before)
+
+
+def _int8_weights(data):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_content=data,
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    tensors = {t["index"]: t for t in it.get_tensor_details()}
+    out = []
+    for op in it._get_ops_details():
+        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            t = tensors[op["inputs"][1]]
+            w = it.get_tensor(t["index"]).astype(np.float32)
+            qp = t["quantization_parameters"]
+            shape = [1] * w.ndim
+            shape[qp["quantized_dimension"]] = -1
+            out.append((op["op_name"], w * qp["scales"].reshape(shape)))
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["int8", "w4a8"])
+def test_exported_weights_equal_fake_quantized_folded_weights(scheme):
+    model = models.conv_bn_relu((8, 8, 1))
+    qm = qat.quantize_model(model, scheme)
+    data, insp = qat.export_tflite(qm)
+    assert insp.fully_quantized and insp.all_weights_per_channel
+    inference = qat.to_inference_model(qm)
+    folded = [l for l in inference.layers if hasattr(l, "quantized_kernel")]
+    exported = _int8_weights(data)
+    assert len(folded) == len(exported)
+    for layer, (op, w) in zip(folded, exported):
+        k = layer.quantized_kernel().numpy()
+        k = {"CONV_2D": lambda a: a.transpose(3, 0, 1, 2),
+             "DEPTHWISE_CONV_2D": lambda a: a.reshape(1, *a.shape[:2], -1),
+             "FULLY_CONNECTED": lambda a: a.T}[op](k)
+        if op == "FULLY_CONNECTED" and scheme == "w4a8":
+            continue  # re-quantized to 8 bits by the converter (see docs/design.md)
+        np.testing.assert_allclose(w, k, rtol=0, atol=1e-6 * np.abs(k).max())
+        if scheme == "w4a8":
+            per_channel = w.reshape(w.shape[0], -1) if op == "CONV_2D" else w.reshape(-1, w.shape[-1]).T
+            assert max(len(np.unique(c)) for c in per_channel) <= 16
+
+
+def test_ema_ranges_and_quant_delay():
+    model = models.conv_bn_relu((8, 8, 1))
+    qm = qat.quantize_model(model, "int8", ema_decay=0.9)
+    act = [l for l in qm.layers if isinstance(l, QATQuantizeActivation)][0]  # the input quantizer
+    x1 = random_inputs(model, 8, seed=1, low=0, high=1)
+    x2 = random_inputs(model, 8, seed=2, low=-2, high=3)
+    qat.set_schedule(qm, quant_active=False)  # inside the quantization delay
+    y = act(x1, training=True)
+    np.testing.assert_array_equal(y, x1)  # not applied...
+    assert act.get_range() == pytest.approx((float(x1.min()), float(x1.max())), abs=1e-6)  # ...but learned
+    act(x2, training=True)
+    assert act.get_range() == pytest.approx((0.9 * float(x1.min()) + 0.1 * float(x2.min()),
+                                             0.9 * float(x1.max()) + 0.1 * float(x2.max())), rel=1e-5)
+    qat.set_schedule(qm, quant_active=True, ranges_frozen=True)
+    frozen = act.get_range()
+    y = act(x2, training=True).numpy()
+    assert act.get_range() == frozen
+    assert len(np.unique(y)) <= 256 and not np.array_equal(y, x2)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    model, (x_train, y_train), (x_test, y_test) = models.train_digits(epochs=20)
+    return model, (x_train, y_train), (x_test, y_test)
+
+
+def test_qat_fine_tune_with_callback_matches_deployment(digits, tmp_path):
+    model, (x_train, y_train), (x_test, y_test) = digits
+    float_acc = float(np.mean(model.predict(x_test, verbose=0).argmax(1) == y_test))
+    qm = qtoolkit.quantize_model(model, "int8", calibration_data=x_train[:256])
+    qm.compile(keras.optimizers.Adam(1e-4), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+               ["accuracy"])
+    best = tmp_path / "best.tflite"
+    cb = QuantizationCallback(validation_data=(x_test, y_test), quant_delay=5, bn_freeze_step=40,
+                              best_path=str(best))
+    stop = keras.callbacks.EarlyStopping(monitor="val_int8_accuracy", mode="max", patience=5)
+    history = qm.fit(x_train, y_train, batch_size=32, epochs=2, verbose=0, callbacks=[cb, stop])
+    assert "val_int8_accuracy" in history.history and len(history.history["val_int8_accuracy"]) == 2
+    last = cb.history[-1]
+    # The simulation is the deployment: int8 and Keras QAT accuracy agree within one digit (0.28 points).
+    assert abs(last["val_int8_accuracy"] - last["val_qat_accuracy"]) <= 1 / len(y_test) + 1e-9
+    assert last["val_int8_sim_gap"] <= 1.0 + 1e-3
+    assert last["val_int8_accuracy"] >= float_acc - 0.01
+    assert best.exists() and cb.best == max(h["val_int8_accuracy"] for h in cb.history)
+    data, insp = qtoolkit.export_tflite(qm, str(tmp_path / "m.tflite"))
+    assert insp.fully_quantized and insp.all_weights_per_channel
+
+
+def test_qat_model_saves_and_loads(tmp_path):
+    qm = qat.quantize_model(models.conv_bn_relu((8, 8, 1)), "int8")
+    x = random_inputs(qm, 4)
+    qm(x, training=True)
+    path = str(tmp_path / "qat.keras")
+    qm.save(path)
+    loaded = keras.models.load_model(path, custom_objects=qtoolkit.custom_objects())
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), qm.predict(x, verbose=0), atol=1e-6)
+
+
+def test_nested_model_and_standalone_bn_train_and_export():
+    model = models.coverage()
+    qm = qat.quantize_model(model, "int8")
+    qm.compile("adam", keras.losses.SparseCategoricalCrossentropy())
+    x = random_inputs(model, 32)
+    qm.fit(x, np.zeros(32, np.int64), epochs=1, verbose=0)
+    data, insp = qat.export_tflite(qm)
+    assert insp.fully_quantized and insp.all_weights_per_channel
+    gap = verify.compare(qm.predict(x, verbose=0), verify.LiteRTModel(data).predict(x),
+                         output_step=verify.LiteRTModel(data).output_step())
+    assert gap.max_error_steps <= 2.5
