@@ -169,3 +169,17 @@ def test_nested_model_and_standalone_bn_train_and_export():
     gap = verify.compare(qm.predict(x, verbose=0), verify.LiteRTModel(data).predict(x),
                          output_step=verify.LiteRTModel(data).output_step())
     assert gap.max_error_steps <= 2.5
+
+
+def test_mirrored_strategy_gives_single_device_ranges():
+    """Two logical CPUs (a fresh process: devices are fixed at TensorFlow start-up)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "scripts", "distributed_qat.py")
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["range_diff"] < 1e-5 and result["stats_diff"] < 1e-5

@@ -50,10 +50,13 @@ class RangeQuantizer(tfmot_quantizers.Quantizer):
 
     def build(self, tensor_shape, name, layer):
         shape = (self.channels,) if self.per_channel else ()
+        # ONLY_FIRST_REPLICA: under tf.distribute, QAT computes the same range on
+        # every replica (from the all-gathered batch min/max) and writes it once.
+        agg = tf.VariableAggregation.ONLY_FIRST_REPLICA
         lo = layer.add_weight(f"{name}_min", shape=shape, initializer=keras.initializers.Constant(-6.0),
-                              trainable=False)
+                              trainable=False, aggregation=agg)
         hi = layer.add_weight(f"{name}_max", shape=shape, initializer=keras.initializers.Constant(6.0),
-                              trainable=False)
+                              trainable=False, aggregation=agg)
         return {"min": lo, "max": hi}
 
     def __call__(self, inputs, training, weights, **kwargs):

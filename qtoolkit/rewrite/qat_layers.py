@@ -25,9 +25,12 @@ import tf_keras as keras
 from qtoolkit.rewrite.layers import FUSABLE_ACTIVATIONS, QuantizeActivation, RangeQuantizer
 
 
+_FIRST = tf.VariableAggregation.ONLY_FIRST_REPLICA
+
+
 def _flag(layer, name, value):
     return layer.add_weight(name, shape=(), dtype=tf.bool, trainable=False,
-                            initializer=keras.initializers.Constant(value))
+                            initializer=keras.initializers.Constant(value), aggregation=_FIRST)
 
 
 class QATQuantizeActivation(QuantizeActivation):
@@ -55,37 +58,44 @@ class QATQuantizeActivation(QuantizeActivation):
             self.initialized.assign(True)
 
     def call(self, inputs, training=None):
-        if training is None:
-            training = keras.backend.learning_phase()
-        if isinstance(training, bool) and training or (not isinstance(training, bool) and training is not None):
-            self._update_range(inputs, training)
+        if _is_training(training):
+            self._update_range(inputs)
         lo = tf.minimum(self.range["min"], 0.0)
         hi = tf.maximum(self.range["max"], lo + 1e-8)
         quantized = q_fake(inputs, lo, hi, self.quantizer)
         return tf.cond(self.quant_active & self.initialized, lambda: quantized, lambda: tf.identity(inputs))
 
-    def _update_range(self, inputs, training):
-        def update():
-            x = tf.stop_gradient(inputs)
-            bmin, bmax = tf.reduce_min(x), tf.reduce_max(x)
-            replica = tf.distribute.get_replica_context()
-            if replica is not None and replica.num_replicas_in_sync > 1:
-                # The same ranges as one device on the global batch.
-                bmin = tf.reduce_min(replica.all_gather(bmin[None], 0))
-                bmax = tf.reduce_max(replica.all_gather(bmax[None], 0))
-            d = self.ema_decay
-            new_min = tf.where(self.initialized, d * self.range["min"] + (1 - d) * bmin, bmin)
-            new_max = tf.where(self.initialized, d * self.range["max"] + (1 - d) * bmax, bmax)
-            self.range["min"].assign(new_min)
-            self.range["max"].assign(new_max)
-            self.initialized.assign(True)
-            return tf.constant(True)
+    def _update_range(self, inputs):
+        x = tf.stop_gradient(inputs)
+        bmin, bmax = tf.reduce_min(x), tf.reduce_max(x)
+        # Synchronization points stay outside control flow (tf.distribute forbids them in a cond).
+        replica = tf.distribute.get_replica_context()
+        if replica is not None and replica.num_replicas_in_sync > 1:
+            # The same ranges as one device on the global batch.
+            bmin = tf.reduce_min(replica.all_gather(bmin[None], 0))
+            bmax = tf.reduce_max(replica.all_gather(bmax[None], 0))
 
-        training = tf.cast(training, tf.bool)
-        tf.cond(training & tf.logical_not(self.ranges_frozen), update, lambda: tf.constant(False))
+        # Variable writes, too, stay outside control flow (a mirrored variable's
+        # write is a synchronization point): frozen ranges are written unchanged.
+        d = self.ema_decay
+        keep = self.ranges_frozen
+        new_min = tf.where(self.initialized, d * self.range["min"] + (1 - d) * bmin, bmin)
+        new_max = tf.where(self.initialized, d * self.range["max"] + (1 - d) * bmax, bmax)
+        self.range["min"].assign(tf.where(keep, self.range["min"], new_min))
+        self.range["max"].assign(tf.where(keep, self.range["max"], new_max))
+        self.initialized.assign(keep & self.initialized | tf.logical_not(keep))
 
     def get_config(self):
         return {**super().get_config(), "ema_decay": self.ema_decay}
+
+
+def _is_training(training) -> bool:
+    """Keras passes a Python bool (or None: the learning phase) to layers of a functional model."""
+    if training is None:
+        training = keras.backend.learning_phase()
+    if not isinstance(training, (bool, int)):
+        training = tf.get_static_value(training)
+    return bool(training)
 
 
 def q_fake(x, lo, hi, quantizer: RangeQuantizer):
@@ -124,10 +134,11 @@ class QATFoldedConv(keras.layers.Layer):
         if self.has_bn:
             self.gamma = self.add_weight("gamma", shape=(self.units,), initializer="ones")
             self.beta = self.add_weight("beta", shape=(self.units,), initializer="zeros")
+            # Synchronized across replicas (all-reduced batch statistics), written once.
             self.moving_mean = self.add_weight("moving_mean", shape=(self.units,), initializer="zeros",
-                                               trainable=False)
+                                               trainable=False, aggregation=_FIRST)
             self.moving_variance = self.add_weight("moving_variance", shape=(self.units,), initializer="ones",
-                                                   trainable=False)
+                                                   trainable=False, aggregation=_FIRST)
             self.bn_frozen = _flag(self, "bn_frozen", False)
         self.quant_active = _flag(self, "quant_active", True)
         super().build(input_shape)
@@ -176,29 +187,33 @@ class QATFoldedConv(keras.layers.Layer):
         return kernel, bias
 
     def call(self, inputs, training=None):
-        if training is None:
-            training = keras.backend.learning_phase()
-
         def inference():
             kernel, bias = self.folded()
             return tf.nn.bias_add(self._op(inputs, self._quantize_kernel(kernel)), bias)
 
-        if not self.has_bn:
+        if not self.has_bn or not _is_training(training):
             y = inference()
         else:
+            # Batch statistics from a float convolution (the paper's figure C.8),
+            # synchronized across replicas outside any control flow.
+            y_float = tf.nn.bias_add(self._op(inputs, self.kernel), self.bias)
+            axes = list(range(y_float.shape.rank - 1))
+            mean_b, var_b = tf.nn.moments(y_float, axes)
+            replica = tf.distribute.get_replica_context()
+            if replica is not None and replica.num_replicas_in_sync > 1:
+                mean_sq = replica.all_reduce("mean", var_b + tf.square(mean_b))
+                mean_b = replica.all_reduce("mean", mean_b)
+                var_b = mean_sq - tf.square(mean_b)
+
+            m = self.momentum  # as Keras' BatchNormalization: biased batch variance
+            frozen = self.bn_frozen
+            # Written outside control flow (synchronization points under tf.distribute).
+            self.moving_mean.assign(tf.where(frozen, self.moving_mean,
+                                             m * self.moving_mean + (1 - m) * tf.stop_gradient(mean_b)))
+            self.moving_variance.assign(tf.where(frozen, self.moving_variance,
+                                                 m * self.moving_variance + (1 - m) * tf.stop_gradient(var_b)))
+
             def train():
-                y_float = tf.nn.bias_add(self._op(inputs, self.kernel), self.bias)
-                axes = list(range(y_float.shape.rank - 1))
-                mean_b, var_b = tf.nn.moments(y_float, axes)
-                replica = tf.distribute.get_replica_context()
-                if replica is not None and replica.num_replicas_in_sync > 1:
-                    # Synchronized statistics: the global batch's mean and variance.
-                    mean_sq = var_b + tf.square(mean_b)
-                    mean_b = replica.all_reduce("mean", mean_b)
-                    var_b = replica.all_reduce("mean", mean_sq) - tf.square(mean_b)
-                m = self.momentum  # as Keras' BatchNormalization: biased batch variance
-                self.moving_mean.assign(m * self.moving_mean + (1 - m) * tf.stop_gradient(mean_b))
-                self.moving_variance.assign(m * self.moving_variance + (1 - m) * tf.stop_gradient(var_b))
                 sigma = tf.sqrt(self.moving_variance + self.epsilon)
                 sigma_b = tf.sqrt(var_b + self.epsilon)
                 kernel = self._quantize_kernel(self._channel_scale(self.kernel, self.gamma / sigma))
@@ -206,8 +221,7 @@ class QATFoldedConv(keras.layers.Layer):
                 y = self._op(inputs, kernel) * (sigma / sigma_b)
                 return y + self.beta + self.gamma * (self.bias - mean_b) / sigma_b
 
-            is_training = tf.cast(training, tf.bool) & tf.logical_not(self.bn_frozen)
-            y = tf.cond(is_training, train, inference)
+            y = tf.cond(self.bn_frozen, inference, train)
         if self.activation == "relu":
             return tf.nn.relu(y)
         if self.activation == "relu6":

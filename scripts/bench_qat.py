@@ -1,0 +1,135 @@
+"""qtoolkit QAT vs TFMOT QAT on the same model, data, epochs and seed; and the paper's table 5.
+
+Starts from the Fashion-MNIST MobileNet-v1-style model of scripts/bench_ptq.py
+(trained in float, cached in build/bench), fine-tunes it with each tool, exports
+int8 TFLite and evaluates everything on the 10,000 test images with the LiteRT
+interpreter. Reports: Keras QAT accuracy, exported int8 accuracy, their gap,
+and the training step time. Then w4a8 (4-bit weights): float, PTQ and QAT.
+
+    python scripts/bench_qat.py [--epochs 1] [--train_samples 60000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import qtoolkit  # noqa: F401  (Keras 2 before TensorFlow)
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_ptq import fashion_model  # noqa: E402
+
+from qtoolkit import datasets, export, verify  # noqa: E402
+from qtoolkit.callbacks import QuantizationCallback  # noqa: E402
+from qtoolkit.pipeline import ptq  # noqa: E402
+
+
+class StepTimer(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.times = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter() - self.start)
+
+    @property
+    def median_ms(self):
+        return 1000 * float(np.median(self.times[5:] or self.times))
+
+
+def accuracy(outputs, y):
+    return float(np.mean(np.asarray(outputs).argmax(1) == y))
+
+
+def fine_tune(qm, x, y, epochs, seed):
+    keras.utils.set_random_seed(seed)
+    qm.compile(keras.optimizers.Adam(1e-4), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+               ["accuracy"])
+    timer = StepTimer()
+    qm.fit(x, y, batch_size=128, epochs=epochs, verbose=0, callbacks=[timer], shuffle=True)
+    return timer.median_ms
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--train_samples", type=int, default=60000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    (x_train, y_train), (x_test, y_test) = datasets.load("fashion_mnist")
+    x, y = x_train[:args.train_samples], y_train[:args.train_samples]
+    model, _, _, _ = fashion_model()
+    float_acc = accuracy(model.predict(x_test, batch_size=512, verbose=0), y_test)
+    rows = []
+
+    # TFMOT
+    import tensorflow_model_optimization as tfmot
+
+    tm = tfmot.quantization.keras.quantize_model(_copy(model))
+    ms = fine_tune(tm, x, y, args.epochs, args.seed)
+    keras_acc = accuracy(tm.predict(x_test, batch_size=512, verbose=0), y_test)
+    conv = tf.lite.TFLiteConverter.from_keras_model(tm)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.inference_input_type = conv.inference_output_type = tf.int8
+    data = conv.convert()
+    int8_acc = accuracy(verify.LiteRTModel(data).predict(x_test), y_test)
+    rows.append(("TFMOT quantize_model", keras_acc, int8_acc, ms, export.inspect(data)))
+
+    # qtoolkit
+    qm = qtoolkit.quantize_model(_copy(model), "int8", calibration_data=x_train[:512])
+    ms = fine_tune(qm, x, y, args.epochs, args.seed)
+    keras_acc = accuracy(qm.predict(x_test, batch_size=512, verbose=0), y_test)
+    data, insp = qtoolkit.export_tflite(qm)
+    int8_acc = accuracy(verify.LiteRTModel(data).predict(x_test), y_test)
+    rows.append(("qtoolkit quantize_model", keras_acc, int8_acc, ms, insp))
+
+    print(f"float accuracy {float_acc:.4f}; {args.epochs} epoch(s) of QAT on {len(x)} images, seed {args.seed}\n")
+    print("| tool | Keras QAT accuracy | int8 TFLite accuracy | gap (points) | per-channel weights | "
+          "train step ms (batch 128) |\n|---|---|---|---|---|---|")
+    for name, k, i, ms, insp in rows:
+        print(f"| {name} | {k:.4f} | {i:.4f} | {100 * (k - i):+.2f} | "
+              f"{sum(w.per_channel for w in insp.weights)}/{len(insp.weights)} | {ms:.1f} |")
+
+    # Paper table 5: 4-bit weights, 8-bit activations.
+    ptq4 = ptq(model, x_train[:1000], "w4a8", verification_data=x_test, labels=y_test, progress=False)
+    qm4 = qtoolkit.quantize_model(_copy(model), "w4a8", calibration_data=x_train[:512])
+    fine_tune(qm4, x, y, args.epochs, args.seed)
+    data4, insp4 = qtoolkit.export_tflite(qm4)
+    qat4 = accuracy(verify.LiteRTModel(data4).predict(x_test), y_test)
+    levels = max_levels_per_channel(data4)
+    print("\n| w4a8 (int8 TFLite) | float | PTQ | QAT |\n|---|---|---|---|")
+    print(f"| accuracy | {float_acc:.4f} | {ptq4.comparisons['float vs TFLite'].candidate_accuracy:.4f} | {qat4:.4f} |")
+    print(f"\nmost distinct values in one weight channel of the QAT w4a8 file: {levels} (conv/depthwise)")
+
+
+def _copy(model):
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def max_levels_per_channel(data):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_content=data,
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    tensors = {t["index"]: t for t in it.get_tensor_details()}
+    most = 0
+    for op in it._get_ops_details():
+        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+            t = tensors[op["inputs"][1]]
+            w = it.get_tensor(t["index"])
+            axis = t["quantization_parameters"]["quantized_dimension"]
+            most = max(most, max(len(np.unique(np.take(w, c, axis=axis))) for c in range(w.shape[axis])))
+    return most
+
+
+if __name__ == "__main__":
+    main()
