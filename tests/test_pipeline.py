@@ -110,7 +110,10 @@ def test_io_dtypes(digits, io_dtype):
 
 
 def test_data_sources_give_identical_ranges(digits, tmp_path):
-    """Array, .npy, .npz, generator and tf.data: the same samples, the same ranges."""
+    """Array, .npy, .npz, generator and tf.data: the same samples, the same ranges.
+
+    (min/max; histogram methods re-bin as the range grows, so they can differ
+    in the last bits when the batches are cut differently.)"""
     import tensorflow as tf
 
     model, calib, _, _ = digits
@@ -123,7 +126,8 @@ def test_data_sources_give_identical_ranges(digits, tmp_path):
     }
     ranges = {}
     for name, data in sources.items():
-        r = ptq(model, data, "int8", num_calibration_samples=400, num_verification_samples=50, progress=False)
+        r = ptq(model, data, "int8", num_calibration_samples=400, num_verification_samples=50,
+                range_method="minmax", progress=False)
         ranges[name] = r.calibration.ranges
     for name in sources:
         assert ranges[name] == ranges["array"], name
