@@ -162,7 +162,7 @@ def converter_ptq_tflite(model, representative: Callable[[], Iterable], int16x8:
     16-bit activations), for models that are not tf_keras models, and as the
     baseline qtoolkit is compared with.
     """
-    converter = model if isinstance(model, tf.lite.TFLiteConverter) else _converter_for(model)
+    converter = model if hasattr(model, "convert") else _converter_for(model)  # a converter already
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative
     if int16x8:

@@ -155,3 +155,44 @@ def test_deterministic_output(digits):
     b = ptq(model, calib, "int8", num_verification_samples=20, progress=False)
     assert a.tflite == b.tflite
     assert a.comparisons["float vs TFLite"] == b.comparisons["float vs TFLite"]
+
+
+def test_image_folder_calibration(digits, tmp_path):
+    import tensorflow as tf
+
+    model, calib, _, _ = digits
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(40):
+        png = tf.io.encode_png(tf.cast(tf.round(calib[i] * 255), tf.uint8)).numpy()
+        (folder / f"{i:03d}.png").write_bytes(png)
+    (folder / "notes.txt").write_text("not an image")
+    result = ptq(model, str(folder), "int8", num_calibration_samples=30, num_verification_samples=10,
+                 progress=False)
+    assert result.calibration.samples == 30
+    assert result.comparisons["float vs TFLite"].top1_agreement >= 0.9
+    # Pixels 0..255 mapped to [0, 1] as the model was trained: the input range is [0, ~1].
+    lo, hi = result.calibration.ranges[next(iter(result.calibration.ranges))]
+    assert lo == 0.0 and 0.9 < hi <= 1.0
+
+
+def test_saved_model_without_keras_goes_through_the_converter(tmp_path):
+    import tensorflow as tf
+
+    class Net(tf.Module):
+        def __init__(self):
+            self.w = tf.Variable(np.random.default_rng(0).normal(size=(3, 3, 1, 4)).astype(np.float32))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 1], tf.float32, name="x")])
+        def __call__(self, x):
+            return tf.reduce_mean(tf.nn.relu(tf.nn.conv2d(x, self.w, 1, "SAME")), axis=[1, 2])
+
+    net = Net()
+    path = str(tmp_path / "sm")
+    tf.saved_model.save(net, path, signatures=net.__call__)
+    x = np.random.default_rng(1).uniform(0, 1, (60, 8, 8, 1)).astype(np.float32)
+    result = ptq(path, x, "int8", progress=False)
+    assert result.path.startswith("TFLite converter calibration")
+    assert any("not available" in n for n in result.notes)
+    assert result.inspection.ops.get("CONV_2D") == 1 and result.inspection.fully_quantized
+    assert result.comparisons["float vs TFLite"].sqnr_db > 20

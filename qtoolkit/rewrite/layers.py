@@ -124,6 +124,26 @@ class QuantizeActivation(keras.layers.Layer):
                 "fixed_range": self.fixed_range}
 
 
+def conv_op(kind, x, kernel, strides, padding, dilation_rate):
+    """The linear op of a FoldedConv kind, as Keras computes it."""
+    if kind == "conv2d":
+        return tf.nn.conv2d(x, kernel, strides, padding.upper(), dilations=dilation_rate)
+    if kind == "depthwise":
+        return tf.nn.depthwise_conv2d(x, kernel, (1, *strides, 1), padding.upper(), dilations=dilation_rate)
+    if x.shape.rank == 2:
+        return tf.matmul(x, kernel)
+    return tf.tensordot(x, kernel, [[x.shape.rank - 1], [0]])
+
+
+def activate(y, activation: str):
+    """A fused activation: "linear", "relu" or "relu6"."""
+    if activation == "relu":
+        return tf.nn.relu(y)
+    if activation == "relu6":
+        return tf.nn.relu6(y)
+    return y
+
+
 class FoldedConv(keras.layers.Layer):
     """Conv2D / DepthwiseConv2D / Dense with folded batch norm and fused activation.
 
@@ -185,22 +205,9 @@ class FoldedConv(keras.layers.Layer):
         self.weight_quantizer.assign_range(self.kernel_range, lo, hi)
 
     def call(self, inputs, training=None):
-        k = self.quantized_kernel(training)
-        if self.kind == "conv2d":
-            y = tf.nn.conv2d(inputs, k, self.strides, self.padding.upper(), dilations=self.dilation_rate)
-        elif self.kind == "depthwise":
-            y = tf.nn.depthwise_conv2d(inputs, k, (1, *self.strides, 1), self.padding.upper(),
-                                       dilations=self.dilation_rate)
-        elif inputs.shape.rank == 2:
-            y = tf.matmul(inputs, k)
-        else:
-            y = tf.tensordot(inputs, k, [[inputs.shape.rank - 1], [0]])
-        y = tf.nn.bias_add(y, self.bias)
-        if self.activation == "relu":
-            return tf.nn.relu(y)
-        if self.activation == "relu6":
-            return tf.nn.relu6(y)
-        return y
+        y = conv_op(self.kind, inputs, self.quantized_kernel(training), self.strides, self.padding,
+                    self.dilation_rate)
+        return activate(tf.nn.bias_add(y, self.bias), self.activation)
 
     def get_config(self):
         return {**super().get_config(), "kind": self.kind, "kernel_shape": self.kernel_shape,

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from qtoolkit.rewrite.layers import FUSABLE_ACTIVATIONS, QuantizeActivation, RangeQuantizer
+from qtoolkit.rewrite.layers import FUSABLE_ACTIVATIONS, QuantizeActivation, RangeQuantizer, activate, conv_op
 
 
 _FIRST = tf.VariableAggregation.ONLY_FIRST_REPLICA
@@ -150,14 +150,7 @@ class QATFoldedConv(keras.layers.Layer):
         return kernel * scale
 
     def _op(self, x, kernel):
-        if self.kind == "conv2d":
-            return tf.nn.conv2d(x, kernel, self.strides, self.padding.upper(), dilations=self.dilation_rate)
-        if self.kind == "depthwise":
-            return tf.nn.depthwise_conv2d(x, kernel, (1, *self.strides, 1), self.padding.upper(),
-                                          dilations=self.dilation_rate)
-        if x.shape.rank == 2:
-            return tf.matmul(x, kernel)
-        return tf.tensordot(x, kernel, [[x.shape.rank - 1], [0]])
+        return conv_op(self.kind, x, kernel, self.strides, self.padding, self.dilation_rate)
 
     def _quantize_kernel(self, kernel):
         """Per-channel (or per-tensor) symmetric fake quant on the current values (TFMOT's LastValue)."""
@@ -222,11 +215,7 @@ class QATFoldedConv(keras.layers.Layer):
                 return y + self.beta + self.gamma * (self.bias - mean_b) / sigma_b
 
             y = tf.cond(self.bn_frozen, inference, train)
-        if self.activation == "relu":
-            return tf.nn.relu(y)
-        if self.activation == "relu6":
-            return tf.nn.relu6(y)
-        return y
+        return activate(y, self.activation)
 
     def get_config(self):
         return {**super().get_config(), "kind": self.kind, "kernel_shape": self.kernel_shape, "units": self.units,
