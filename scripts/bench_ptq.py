@@ -97,16 +97,21 @@ def bench(name, n_cal, n_ver, runs):
 
 
 def memory(samples):
-    """Peak RSS of a qtoolkit conversion (child process) for each number of calibration samples."""
+    """Peak RSS of a qtoolkit conversion (child process) for each number of calibration samples.
+
+    VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec, so a child
+    of this (large) process would report the parent's peak.
+    """
     print("| calibration samples | peak RSS MiB | calibrate s |\n|---:|---:|---:|")
     for n in samples:
         code = ("import qtoolkit, resource, sys; sys.argv=['x']; "
                 "from qtoolkit.pipeline import ptq; "
                 f"r = ptq('{CACHE}/fmnist_mobilenet.keras', '{CACHE}/fmnist_calib.npy', 'int8', "
                 f"num_calibration_samples={n}, num_verification_samples=100, progress=False); "
-                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, r.calibration.seconds)")
+                "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+                "print(int(hwm) / 1024, r.calibration.seconds)")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        rss, secs = out.stdout.split()[-2:]
+        rss, secs = out.stdout.strip().splitlines()[-1].split()[-2:]
         print(f"| {n} | {float(rss):.0f} | {float(secs):.1f} |", flush=True)
 
 
@@ -121,7 +126,7 @@ def main():
     if args.memory:
         model, x_train, _, _ = fashion_model()
         np.save(os.path.join(CACHE, "fmnist_calib.npy"), x_train[:20000])
-        memory([500, 2000, 8000, 19000])
+        memory([500, 2000, 8000, 19000])  # in fresh processes
         return
     print(f"# {tf.__version__=}, calibration samples {args.calibration_samples}, "
           f"{os.cpu_count()} CPUs\n")

@@ -7,7 +7,7 @@
 
 A source is a cursor over samples: `take` streams batches from where the
 previous call stopped, so calibration and verification never overlap.
-`.npy` files are memory-mapped (read batch by batch, never whole).  Each batch
+`.npy` files are read from disk batch by batch, never whole.  Each batch
 is checked against the model's inputs (rank, shape, numeric dtype, NaN/Inf);
 a problem raises `DataError` naming the input, the sample and the fix.
 """
@@ -145,6 +145,39 @@ class IterableSource(Source):
         return batch
 
 
+class NpyFile:
+    """A .npy array read from disk slice by slice (samples on axis 0).
+
+    Unlike a memory map, the pages read are not kept mapped into the process,
+    so resident memory stays flat however many samples stream through.
+    """
+
+    def __init__(self, path: str):
+        mm = np.load(path, mmap_mode="r", allow_pickle=False)
+        if not isinstance(mm, np.memmap):
+            raise DataError(f"{path}: expected a .npy array")
+        self.path, self.shape, self.dtype, self.offset = path, mm.shape, mm.dtype, mm.offset
+        self.fortran = mm.flags.f_contiguous and mm.ndim > 1 and not mm.flags.c_contiguous
+        self.ndim = mm.ndim
+        del mm
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        if not isinstance(index, slice) or self.fortran:
+            return np.load(self.path, mmap_mode="r", allow_pickle=False)[index]
+        start, stop, step = index.indices(self.shape[0])
+        if step != 1:
+            return np.load(self.path, mmap_mode="r", allow_pickle=False)[index]
+        per_sample = int(np.prod(self.shape[1:], dtype=np.int64))
+        count = max(stop - start, 0) * per_sample
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + start * per_sample * self.dtype.itemsize)
+            data = np.fromfile(f, dtype=self.dtype, count=count)
+        return data.reshape((max(stop - start, 0), *self.shape[1:]))
+
+
 def _load_images(folder: str, spec: Spec, image_size, scale) -> np.ndarray:
     import tensorflow as tf
 
@@ -213,13 +246,11 @@ def open_source(data: Any, specs: Sequence[Spec], image_size=None, image_scale=(
                     raise DataError(f"{path}: no array named {', '.join(missing)} (the model's input names); "
                                     f"the file has {', '.join(arrays) or 'no arrays'}")
                 return ArraySource([arrays[s[0]] for s in specs], specs, path)
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            array = NpyFile(path)
         except DataError:
             raise
         except (ValueError, OSError, EOFError) as e:
             raise DataError(f"{path}: not a readable .npy/.npz file ({str(e).splitlines()[0]})") from None
-        if not isinstance(array, np.ndarray):
-            raise DataError(f"{path}: expected a .npy array")
         if array.ndim == 0:
             raise DataError(f"{path}: holds a scalar, expected samples on axis 0")
         return ArraySource([array], specs, path)
