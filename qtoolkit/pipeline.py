@@ -151,7 +151,9 @@ def ptq(model: Any, calibration_data: Any, scheme: Any = "int8", output: Optiona
     elif scheme.weight_only:
         path = "dynamic range (int8 weights, float activations)"
         data = export.weight_only_tflite(keras_model)
-        source.collect(n_cal) if verification_data is None and n_cal else None
+        if ver_source is None:
+            for _ in source.take(n_cal):  # skip the calibration samples: verify on held-out ones
+                pass
     elif scheme.activations.bits == 16:
         path = "TFLite converter int16x8 calibration"
         notes.append("int16x8: the converter has no fake-quant path for 16-bit activations, so it calibrates "
@@ -191,14 +193,14 @@ def ptq(model: Any, calibration_data: Any, scheme: Any = "int8", output: Optiona
     tfl = verify.LiteRTModel(data)
     tfl_out = _first(tfl.predict(ver))
     if keras_model is not None:
-        float_out = _first(keras_model.predict(ver if len(ver) > 1 else ver[0], batch_size=64, verbose=0))
+        float_out = verify.predict_keras(keras_model, ver)
     else:
         float_out = _first(verify.LiteRTModel(export.float_tflite_saved_model(loaded.path)).predict(ver))
     y = None if labels is None else np.asarray(labels)[:n_ver]
     step = tfl.output_step()
     comparisons = {"float vs TFLite": verify.compare(float_out, tfl_out, y, step)}
     if rewritten is not None:
-        sim_out = _first(rewritten.model.predict(ver if len(ver) > 1 else ver[0], batch_size=64, verbose=0))
+        sim_out = verify.predict_keras(rewritten.model, ver)
         comparisons["float vs simulated"] = verify.compare(float_out, sim_out, y, step)
         comparisons["simulated vs TFLite"] = verify.compare(sim_out, tfl_out, y, step)
     seconds["verify"] = time.perf_counter() - t3

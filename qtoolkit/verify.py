@@ -205,7 +205,12 @@ def _from_tensor(t: np.ndarray, detail: Mapping) -> np.ndarray:
 
 
 def predict_keras(model, x, batch_size: int = 64) -> np.ndarray:
-    """Runs a Keras model in batches, returning numpy (first output if several)."""
+    """Runs a Keras model in batches, returning numpy (first output if several).
+
+    `x` is an array, or a list with one array per model input.
+    """
+    if isinstance(x, (list, tuple)) and len(x) == 1:
+        x = x[0]
     out = model.predict(x, batch_size=batch_size, verbose=0)
     return out[0] if isinstance(out, list) else out
 

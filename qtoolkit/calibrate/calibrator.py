@@ -48,8 +48,6 @@ def calibrate(rewritten, source: Source, num_samples: int, scheme: QuantScheme, 
     start = time.perf_counter()
     n_out = len(rewritten.model.outputs)
     names = rewritten.quant_points
-    fixed = set(rewritten.fixed_points)
-    all_names = [n for n in _probe_names(rewritten)]
     observers = {n: make_observer(scheme.activations) for n in names}
 
     @tf.function(reduce_retracing=True)
@@ -61,9 +59,8 @@ def calibrate(rewritten, source: Source, num_samples: int, scheme: QuantScheme, 
     for batch in source.take(num_samples, batch_size):
         outputs = run(batch if len(batch) > 1 else batch[0])
         outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        for name, tensor in zip(all_names, outputs[n_out:]):
-            if name not in fixed:
-                observers[name].update(tensor.numpy())
+        for name, tensor in zip(names, outputs[n_out:]):
+            observers[name].update(tensor.numpy())
         seen += batch[0].shape[0]
         bar.update(batch[0].shape[0])
     bar.close()
@@ -72,15 +69,9 @@ def calibrate(rewritten, source: Source, num_samples: int, scheme: QuantScheme, 
         layer = rewritten.model.get_layer(name)
         layer.set_range(*observers[name].range())
         ranges[name] = layer.get_range()
-    for name in fixed:
+    for name in rewritten.fixed_points:
         ranges[name] = rewritten.model.get_layer(name).get_range()
     return Calibration(ranges, seen, time.perf_counter() - start, scheme.activations.method)
-
-
-def _probe_names(rewritten) -> list[str]:
-    """Quantizer names in the float twin's extra-output order (fixed ones included)."""
-    order = getattr(rewritten, "probe_order", None)
-    return order if order is not None else rewritten.quant_points
 
 
 class _NoBar:

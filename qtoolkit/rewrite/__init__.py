@@ -5,9 +5,9 @@
 """
 
 from qtoolkit.rewrite.graph import UnsupportedModelError, flatten
-from qtoolkit.rewrite.layers import (ChannelAffine, FoldedConv, QuantizeActivation, RangeQuantizer,
+from qtoolkit.rewrite.layers import (FoldedConv, QuantizeActivation, RangeQuantizer,
                                      custom_objects)
 from qtoolkit.rewrite.rewriter import Rewritten, UnquantizableLayersError, rewrite
 
 __all__ = ["rewrite", "Rewritten", "flatten", "custom_objects", "UnsupportedModelError",
-           "UnquantizableLayersError", "RangeQuantizer", "QuantizeActivation", "FoldedConv", "ChannelAffine"]
+           "UnquantizableLayersError", "RangeQuantizer", "QuantizeActivation", "FoldedConv"]

@@ -216,29 +216,10 @@ class FoldedConv(keras.layers.Layer):
                 "strides": self.strides, "padding": self.padding, "dilation_rate": self.dilation_rate}
 
 
-class ChannelAffine(keras.layers.Layer):
-    """y = x * scale + offset per channel: a batch norm that follows no conv."""
-
-    def __init__(self, channels, **kwargs):
-        super().__init__(**kwargs)
-        self.channels = int(channels)
-
-    def build(self, input_shape):
-        self.scale = self.add_weight("scale", shape=(self.channels,), initializer="ones")
-        self.offset = self.add_weight("offset", shape=(self.channels,), initializer="zeros")
-        super().build(input_shape)
-
-    def call(self, inputs):
-        return inputs * self.scale + self.offset
-
-    def get_config(self):
-        return {**super().get_config(), "channels": self.channels}
-
-
 def custom_objects() -> dict:
     """The scope to load a model saved after rewriting: `load_model(p, custom_objects=custom_objects())`."""
     from qtoolkit.rewrite.qat_layers import QATFoldedConv, QATQuantizeActivation
 
     return {"RangeQuantizer": RangeQuantizer, "QuantizeActivation": QuantizeActivation,
-            "FoldedConv": FoldedConv, "ChannelAffine": ChannelAffine,
+            "FoldedConv": FoldedConv,
             "QATFoldedConv": QATFoldedConv, "QATQuantizeActivation": QATQuantizeActivation}

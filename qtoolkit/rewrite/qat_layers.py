@@ -18,10 +18,10 @@ assigns: `quant_active` (fake quant applied, after the quantization delay),
 
 from __future__ import annotations
 
-import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from qtoolkit import quantizers as q
 from qtoolkit.rewrite.layers import FUSABLE_ACTIVATIONS, QuantizeActivation, RangeQuantizer, activate, conv_op
 
 
@@ -62,7 +62,7 @@ class QATQuantizeActivation(QuantizeActivation):
             self._update_range(inputs)
         lo = tf.minimum(self.range["min"], 0.0)
         hi = tf.maximum(self.range["max"], lo + 1e-8)
-        quantized = q_fake(inputs, lo, hi, self.quantizer)
+        quantized = q.tf_fake_quant(inputs, lo, hi, self.quantizer.bits, self.quantizer.narrow_range)
         return tf.cond(self.quant_active & self.initialized, lambda: quantized, lambda: tf.identity(inputs))
 
     def _update_range(self, inputs):
@@ -96,11 +96,6 @@ def _is_training(training) -> bool:
     if not isinstance(training, (bool, int)):
         training = tf.get_static_value(training)
     return bool(training)
-
-
-def q_fake(x, lo, hi, quantizer: RangeQuantizer):
-    return tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=quantizer.bits,
-                                                        narrow_range=quantizer.narrow_range)
 
 
 class QATFoldedConv(keras.layers.Layer):
@@ -161,12 +156,7 @@ class QATFoldedConv(keras.layers.Layer):
         axes = list(range(flat.shape.rank - 1)) if wq.per_channel else None
         a = tf.reduce_max(tf.abs(flat), axis=axes)
         a = tf.maximum(a, 1e-8)
-        if wq.per_channel:
-            out = tf.quantization.fake_quant_with_min_max_vars_per_channel(
-                flat, -a, a, num_bits=wq.bits, narrow_range=wq.narrow_range)
-        else:
-            out = tf.quantization.fake_quant_with_min_max_vars(flat, -a, a, num_bits=wq.bits,
-                                                               narrow_range=wq.narrow_range)
+        out = q.tf_fake_quant(flat, -a, a, wq.bits, wq.narrow_range, axis=-1 if wq.per_channel else None)
         out = tf.reshape(out, self.kernel_shape) if self.kind == "depthwise" else out
         return tf.cond(self.quant_active, lambda: out, lambda: tf.identity(kernel))
 

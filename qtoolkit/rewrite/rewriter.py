@@ -66,8 +66,8 @@ class Rewritten:
     Attributes:
       model: the fake-quant model (same inputs and outputs as the original).
       float_model: the folded float twin; outputs are the original outputs
-        followed by the input of each activation quantizer.
-      quant_points: QuantizeActivation layer names, in float_model's extra-output order.
+        followed by the input of each calibrated activation quantizer.
+      quant_points: calibrated QuantizeActivation layer names, in float_model's extra-output order.
       fixed_points: names of quantizers with a range TFLite fixes (not calibrated).
       folded: one line per fused pattern, e.g. "conv1+bn1+relu1".
       float_layers: names of the layers left in float.
@@ -79,13 +79,6 @@ class Rewritten:
     fixed_points: list[str]
     folded: list[str]
     float_layers: list[str]
-    probe_order: Optional[list] = None
-
-    def quantizer(self, name: str) -> QuantizeActivation:
-        return self.model.get_layer(name)
-
-    def folded_layers(self) -> list[FoldedConv]:
-        return [layer for layer in self.model.layers if isinstance(layer, FoldedConv)]
 
 
 def _safe(name: str) -> str:
@@ -119,12 +112,16 @@ def _conv_kind(layer) -> Optional[str]:
     return None
 
 
-def _bn_params(bn) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, offset) of an inference-mode batch norm: y = x * scale + offset."""
+def _bn_weights(bn) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(gamma, beta, moving mean, moving variance) of a batch norm; gamma/beta default to 1/0."""
     weights = {w.name.split("/")[-1].split(":")[0]: w.numpy() for w in bn.weights}
     var, mean = weights["moving_variance"], weights["moving_mean"]
-    gamma = weights.get("gamma", np.ones_like(var))
-    beta = weights.get("beta", np.zeros_like(var))
+    return weights.get("gamma", np.ones_like(var)), weights.get("beta", np.zeros_like(var)), mean, var
+
+
+def _bn_params(bn) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, offset) of an inference-mode batch norm: y = x * scale + offset."""
+    gamma, beta, mean, var = _bn_weights(bn)
     scale = gamma / np.sqrt(var + bn.epsilon)
     return scale.astype(np.float32), (beta - mean * scale).astype(np.float32)
 
@@ -232,13 +229,18 @@ def _plan(graph: g.Graph, scheme: QuantScheme) -> list[_Step]:
     return steps
 
 
+def _kernel_and_bias(layer) -> tuple[np.ndarray, np.ndarray]:
+    """A Conv2D / DepthwiseConv2D / Dense layer's kernel and bias (zeros without one)."""
+    depthwise = isinstance(layer, L.DepthwiseConv2D)
+    kernel = (layer.depthwise_kernel if depthwise else layer.kernel).numpy()
+    units = kernel.shape[2] * kernel.shape[3] if depthwise else kernel.shape[-1]
+    return kernel, layer.bias.numpy() if layer.use_bias else np.zeros(units, np.float32)
+
+
 def _fold(step: _Step) -> tuple[np.ndarray, np.ndarray]:
     """Kernel and bias of a fused step with its batch norm folded in."""
     layer = step.node.layer
-    kernel = (layer.depthwise_kernel if step.kind == "fused" and isinstance(layer, L.DepthwiseConv2D)
-              else layer.kernel).numpy()
-    out_channels = kernel.shape[2] * kernel.shape[3] if isinstance(layer, L.DepthwiseConv2D) else kernel.shape[-1]
-    bias = layer.bias.numpy() if layer.use_bias else np.zeros(out_channels, np.float32)
+    kernel, bias = _kernel_and_bias(layer)
     for extra in step.absorbed:
         if isinstance(extra.layer, L.BatchNormalization):
             scale, offset = _bn_params(extra.layer)
@@ -270,14 +272,15 @@ def rewrite(model, scheme: QuantScheme, strict: bool = False, qat: bool = False,
     """
     flat = g.flatten(model)
     steps = _plan(flat, scheme)
-    float_names = [s.node.name for s in steps if s.kind == "float"]
+    float_steps = [s for s in steps if s.kind == "float"]
+    float_names = [s.node.name for s in float_steps]
     if float_names and strict:
         raise UnquantizableLayersError(
             f"{len(float_names)} layer(s) cannot be quantized and would stay float: {', '.join(float_names)}")
-    for name in float_names:
+    for s in float_steps:
         log.warning("layer %s (%s) has no qtoolkit rewrite: it is kept as is and unquantized in the simulation; "
                     "TFLite runs it in int8 only if it has an int8 kernel for it (see the float ops of the "
-                    "inspection)", name, type(next(s.node.layer for s in steps if s.node.name == name)).__name__)
+                    "inspection)", s.node.name, type(s.node.layer).__name__)
     fused = {id(s): _fold(s) for s in steps if s.kind == "fused"}
     qmodel, _, names, fixed = _build(flat, steps, fused, scheme, quantize=True, model_name=model.name,
                                      qat=qat, ema_decay=ema_decay)
@@ -285,9 +288,7 @@ def rewrite(model, scheme: QuantScheme, strict: bool = False, qat: bool = False,
     assert names == names_f
     float_model = keras.Model(fmodel.inputs, [*fmodel.outputs, *probes], name=f"{model.name}_float_twin")
     folded = ["+".join([s.node.name, *(a.name for a in s.absorbed)]) for s in steps if s.absorbed]
-    result = Rewritten(qmodel, float_model, [n for n in names if n not in fixed], fixed, folded, float_names)
-    result.probe_order = names
-    return result
+    return Rewritten(qmodel, float_model, [n for n in names if n not in fixed], fixed, folded, float_names)
 
 
 def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, model_name: str,
@@ -314,7 +315,8 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
         if fixed_range is not None:
             fixed.append(name)
         if not quantize or acts is None:
-            probes.append(tensor)
+            if fixed_range is None:  # fixed ranges are not calibrated: no probe
+                probes.append(tensor)
             return tensor
         quantizer = RangeQuantizer(acts.bits, acts.symmetric, acts.narrow_range)
         if qat:
@@ -339,10 +341,8 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
 
     def qat_conv(step, kind, act, conv_args):
         """A QATFoldedConv holding the unfolded kernel and the batch norm's parameters."""
-        layer = step.node.layer
-        kernel = (layer.depthwise_kernel if kind == "depthwise" else layer.kernel).numpy()
-        units = kernel.shape[2] * kernel.shape[3] if kind == "depthwise" else kernel.shape[-1]
-        bias = layer.bias.numpy() if layer.use_bias else np.zeros(units, np.float32)
+        kernel, bias = _kernel_and_bias(step.node.layer)
+        units = bias.shape[0]
         bns = [a.layer for a in step.absorbed if isinstance(a.layer, L.BatchNormalization)]
         wq = scheme.weights
         quantizer = RangeQuantizer(wq.bits, wq.symmetric, wq.narrow_range,
@@ -350,11 +350,8 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
         weights = [kernel, bias]
         kwargs = {}
         if bns:
-            bn = bns[0]
-            params = {w.name.split("/")[-1].split(":")[0]: w.numpy() for w in bn.weights}
-            weights += [params.get("gamma", np.ones(units, np.float32)), params.get("beta", np.zeros(units, np.float32)),
-                        params["moving_mean"], params["moving_variance"]]
-            kwargs = {"epsilon": bn.epsilon, "momentum": bn.momentum}
+            weights += list(_bn_weights(bns[0]))
+            kwargs = {"epsilon": bns[0].epsilon, "momentum": bns[0].momentum}
         new = QATFoldedConv(kind, kernel.shape, units, act, quantizer, has_bn=bool(bns), name=unique(_safe(step.node.name)),
                             **kwargs, **conv_args)
         return new, weights
