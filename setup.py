@@ -13,6 +13,8 @@ setup(
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["qtoolkit", "qtoolkit.*"]),
     include_package_data=True,
+    # The reference models' trained weights (qtoolkit.zoo) ship with the package.
+    package_data={"qtoolkit.zoo": ["weights/*.keras", "weights/*.json"]},
     install_requires=[
         "tensorflow==2.21.*",
         # Keras 2: TFMOT's quantization API only accepts Keras 2 layers; tf-keras

@@ -27,7 +27,8 @@ from qtoolkit.schemes import QuantScheme, load as load_scheme
 
 
 def quantize_model(model, scheme: Any = "int8", *, ema_decay: float = 0.999, calibration_data: Any = None,
-                   num_calibration_samples: int = 256, strict: bool = False) -> keras.Model:
+                   num_calibration_samples: int = 256, strict: bool = False,
+                   bn_correction: bool = True) -> keras.Model:
     """A trainable model with fake quant on weights and activations (straight-through gradients).
 
     Args:
@@ -38,6 +39,8 @@ def quantize_model(model, scheme: Any = "int8", *, ema_decay: float = 0.999, cal
         (otherwise the first training batch initialises them).
       num_calibration_samples: samples used from `calibration_data`.
       strict: fail if a layer cannot be quantized.
+      bn_correction: fold batch norm with the paper's correction (default);
+        False folds naively with the batch sigma (for ablations only).
 
     Returns:
       A tf_keras model to compile and fit; save it with `model.save` and load it
@@ -47,14 +50,50 @@ def quantize_model(model, scheme: Any = "int8", *, ema_decay: float = 0.999, cal
     if scheme.activations is None:
         raise ValueError("quantize_model needs a scheme with activation quantization (not weight_only_int8)")
     result = rewrite(model, scheme, strict=strict, qat=True, ema_decay=ema_decay)
+    for layer in result.model.layers:
+        if isinstance(layer, QATFoldedConv):
+            layer.bn_correction = bn_correction
     if calibration_data is not None:
         from qtoolkit import calibrate
 
         specs = [(t.name.split(":")[0], tuple(t.shape), t.dtype.as_numpy_dtype) for t in model.inputs]
         source = calibrate.open_source(calibration_data, specs)
         n = min(num_calibration_samples, source.num_samples or num_calibration_samples)
-        calibrate.calibrate(result, source, n, scheme.replace(activations={"method": "minmax"}), progress=False)
+        # The scheme's range method (e.g. MSE), as PTQ would; the EMA of batch min/max takes over in training.
+        calibrate.calibrate(result, source, n, scheme, progress=False)
     return result.model
+
+
+def fine_tune(qat_model, x, y, *, epochs: int = 1, batch_size: int = 64, learning_rate: float = 1e-4,
+              seed: int = 0, bn_freeze_step: Optional[int] = None, quant_delay: int = 0,
+              validation_data=None, verbose: int = 0):
+    """The fine-tuning recipe of the benchmarks and the regression job: Adam, fixed seed, deterministic ops.
+
+    Args:
+      qat_model: a model from `quantize_model` (logits output, integer labels).
+      x, y: training inputs and labels.
+      epochs, batch_size, learning_rate, seed: the recipe.
+      bn_freeze_step: step after which batch-norm statistics are frozen
+        (default: half-way through, as the paper recommends freezing late).
+      quant_delay: steps before fake quant is applied.
+      validation_data: (x, y) for the callback's int8 TFLite accuracy each epoch.
+
+    Returns:
+      The QuantizationCallback (its `history` has the int8 accuracies when validation_data is given).
+    """
+    import tensorflow as tf
+
+    from qtoolkit.callbacks import QuantizationCallback
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    steps = epochs * -(-len(x) // batch_size)
+    callback = QuantizationCallback(validation_data, quant_delay=quant_delay,
+                                    bn_freeze_step=steps // 2 if bn_freeze_step is None else bn_freeze_step)
+    qat_model.compile(keras.optimizers.Adam(learning_rate),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"])
+    qat_model.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=verbose, shuffle=True, callbacks=[callback])
+    return callback
 
 
 def to_inference_model(qat_model) -> keras.Model:

@@ -37,19 +37,9 @@ CACHE = os.path.join("build", "bench")
 
 
 def fashion_model():
-    """MobileNet-v1-style CNN on Fashion-MNIST, trained once and cached."""
-    path = os.path.join(CACHE, "fmnist_mobilenet.keras")
+    """The MobileNet-v1-style reference model on Fashion-MNIST (qtoolkit.zoo, committed weights)."""
     (x_train, _), (x_test, y_test) = datasets.load("fashion_mnist")
-    if os.path.exists(path):
-        model = keras.models.load_model(path, compile=False)
-    else:
-        model = zoo.mobilenet_v1_small((28, 28, 1), 10)
-        start = time.time()
-        acc = zoo.train(model, "fashion_mnist", epochs=3)
-        print(f"# trained fmnist_mobilenet in {time.time() - start:.0f} s: test accuracy {acc:.4f}", file=sys.stderr)
-        os.makedirs(CACHE, exist_ok=True)
-        model.save(path)
-    return model, x_train, x_test, y_test
+    return zoo.load("mobilenet_v1_fmnist"), x_train, x_test, y_test
 
 
 def app_model(name):
@@ -106,7 +96,7 @@ def memory(samples):
     for n in samples:
         code = ("import qtoolkit, resource, sys; sys.argv=['x']; "
                 "from qtoolkit.pipeline import ptq; "
-                f"r = ptq('{CACHE}/fmnist_mobilenet.keras', '{CACHE}/fmnist_calib.npy', 'int8', "
+                f"r = ptq('{zoo.reference('mobilenet_v1_fmnist').path}', '{CACHE}/fmnist_calib.npy', 'int8', "
                 f"num_calibration_samples={n}, num_verification_samples=100, progress=False); "
                 "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
                 "print(int(hwm) / 1024, r.calibration.seconds)")
@@ -125,6 +115,7 @@ def main():
     args = parser.parse_args()
     if args.memory:
         model, x_train, _, _ = fashion_model()
+        os.makedirs(CACHE, exist_ok=True)
         np.save(os.path.join(CACHE, "fmnist_calib.npy"), x_train[:20000])
         memory([500, 2000, 8000, 19000])  # in fresh processes
         return

@@ -109,11 +109,16 @@ class QATFoldedConv(keras.layers.Layer):
       has_bn: whether a batch norm is folded in (else a plain bias).
       epsilon, momentum: the batch norm's.
       strides, padding, dilation_rate: conv arguments.
+      bn_correction: train with the paper's correction (weights folded with the
+        moving sigma, outputs rescaled by sigma/sigma_B); False folds naively
+        with the batch sigma (the ablation of docs/paper_results.md).
     """
 
     def __init__(self, kind, kernel_shape, units, activation="linear", weight_quantizer=None, has_bn=True,
-                 epsilon=1e-3, momentum=0.99, strides=(1, 1), padding="valid", dilation_rate=(1, 1), **kwargs):
+                 epsilon=1e-3, momentum=0.99, strides=(1, 1), padding="valid", dilation_rate=(1, 1),
+                 bn_correction=True, **kwargs):
         super().__init__(**kwargs)
+        self.bn_correction = bool(bn_correction)
         if activation not in FUSABLE_ACTIVATIONS:
             raise ValueError(f"activation must be one of {FUSABLE_ACTIVATIONS}, got {activation!r}")
         if isinstance(weight_quantizer, dict):
@@ -199,6 +204,9 @@ class QATFoldedConv(keras.layers.Layer):
             def train():
                 sigma = tf.sqrt(self.moving_variance + self.epsilon)
                 sigma_b = tf.sqrt(var_b + self.epsilon)
+                if not self.bn_correction:  # naive folding with the batch sigma (an ablation, not deployed as is)
+                    kernel = self._quantize_kernel(self._channel_scale(self.kernel, self.gamma / sigma_b))
+                    return self._op(inputs, kernel) + self.beta + self.gamma * (self.bias - mean_b) / sigma_b
                 kernel = self._quantize_kernel(self._channel_scale(self.kernel, self.gamma / sigma))
                 # Correction: undo the moving sigma, apply the batch one (c = sigma_B / sigma).
                 y = self._op(inputs, kernel) * (sigma / sigma_b)
@@ -212,4 +220,5 @@ class QATFoldedConv(keras.layers.Layer):
                 "activation": self.activation,
                 "weight_quantizer": None if self.weight_quantizer is None else self.weight_quantizer.get_config(),
                 "has_bn": self.has_bn, "epsilon": self.epsilon, "momentum": self.momentum,
-                "strides": self.strides, "padding": self.padding, "dilation_rate": self.dilation_rate}
+                "strides": self.strides, "padding": self.padding, "dilation_rate": self.dilation_rate,
+                "bn_correction": self.bn_correction}

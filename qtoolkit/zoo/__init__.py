@@ -1,0 +1,163 @@
+"""Reference models of the kinds the paper studies, small enough to train here.
+
+Three architectures — MobileNet-v1-style (depthwise separable, BN, ReLU6),
+MobileNet-v2-style (inverted residuals, linear bottlenecks) and ResNet-style
+(basic residual blocks) — trained on Fashion-MNIST and on scikit-learn's
+digits by `scripts/train_reference.py` with fixed seeds. The trained weights
+are committed in `qtoolkit/zoo/weights/` (a few hundred KB), so the
+regression job and the paper reproduction never retrain:
+
+    from qtoolkit import zoo
+    model = zoo.load("mobilenet_v1_fmnist")        # a trained tf_keras model
+    zoo.REFERENCE["mobilenet_v1_fmnist"].dataset   # "fashion_mnist"
+    zoo.manifest()["mobilenet_v1_fmnist"]          # test accuracy, epochs, seed, ...
+
+Data licenses: Fashion-MNIST is MIT-licensed (Zalando Research); scikit-learn's
+digits are BSD-3-Clause (a copy of the UCI optdigits test set, CC BY 4.0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable
+
+import tf_keras as keras
+
+from qtoolkit import datasets
+
+L = keras.layers
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+MANIFEST = os.path.join(WEIGHTS_DIR, "manifest.json")
+
+
+def _conv_bn(x, filters, kernel, stride, name, activation="relu6", depthwise=False):
+    if depthwise:
+        x = L.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False, name=name)(x)
+    else:
+        x = L.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False, name=name)(x)
+    x = L.BatchNormalization(name=f"{name}_bn")(x)
+    if activation == "relu6":
+        x = L.ReLU(6.0, name=f"{name}_relu6")(x)
+    elif activation == "relu":
+        x = L.ReLU(name=f"{name}_relu")(x)
+    return x
+
+
+def mobilenet_v1_small(input_shape=(28, 28, 1), classes=10, width=32, name="mobilenet_v1_small"):
+    """Conv-BN-ReLU6 stem, four depthwise-separable blocks (BN, ReLU6), GAP, dense."""
+    inp = keras.Input(input_shape, name="image")
+    x = _conv_bn(inp, width, 3, 1, "stem")
+    for i, (filters, stride) in enumerate([(width * 2, 2), (width * 2, 1), (width * 4, 2), (width * 4, 1)]):
+        x = _conv_bn(x, None, 3, stride, f"dw{i}", depthwise=True)
+        x = _conv_bn(x, filters, 1, 1, f"pw{i}")
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    out = L.Dense(classes, name="logits")(x)
+    return keras.Model(inp, out, name=name)
+
+
+def mobilenet_v2_small(input_shape=(28, 28, 1), classes=10, name="mobilenet_v2_small"):
+    """Stem, inverted residual blocks (expand 1x1 ReLU6, depthwise ReLU6, linear 1x1 bottleneck, residual add)."""
+    inp = keras.Input(input_shape, name="image")
+    x = _conv_bn(inp, 16, 3, 1, "stem")
+    channels = 16
+    for i, (expand, filters, stride) in enumerate([(1, 16, 1), (6, 24, 2), (6, 24, 1), (6, 32, 2), (6, 32, 1)]):
+        shortcut = x
+        y = x if expand == 1 else _conv_bn(x, channels * expand, 1, 1, f"b{i}_expand")
+        y = _conv_bn(y, None, 3, stride, f"b{i}_dw", depthwise=True)
+        y = _conv_bn(y, filters, 1, 1, f"b{i}_project", activation=None)
+        x = L.Add(name=f"b{i}_add")([shortcut, y]) if stride == 1 and filters == channels else y
+        channels = filters
+    x = _conv_bn(x, 128, 1, 1, "head")
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    out = L.Dense(classes, name="logits")(x)
+    return keras.Model(inp, out, name=name)
+
+
+def resnet_small(input_shape=(28, 28, 1), classes=10, name="resnet_small"):
+    """Stem, basic residual blocks (two 3x3 conv-BN, projection shortcut when the shape changes), GAP, dense."""
+    inp = keras.Input(input_shape, name="image")
+    x = _conv_bn(inp, 16, 3, 1, "stem", activation="relu")
+    channels = 16
+    for i, (filters, stride) in enumerate([(16, 1), (32, 2), (64, 2)]):
+        y = _conv_bn(x, filters, 3, stride, f"b{i}_conv1", activation="relu")
+        y = _conv_bn(y, filters, 3, 1, f"b{i}_conv2", activation=None)
+        shortcut = x if stride == 1 and filters == channels else _conv_bn(
+            x, filters, 1, stride, f"b{i}_shortcut", activation=None)
+        x = L.ReLU(name=f"b{i}_relu")(L.Add(name=f"b{i}_add")([shortcut, y]))
+        channels = filters
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    out = L.Dense(classes, name="logits")(x)
+    return keras.Model(inp, out, name=name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """A reference model: its architecture, data set and training recipe."""
+
+    name: str
+    build: Callable[..., keras.Model]
+    dataset: str
+    epochs: int
+    batch_size: int
+
+    @property
+    def path(self) -> str:
+        return os.path.join(WEIGHTS_DIR, f"{self.name}.keras")
+
+
+ARCHITECTURES = {"mobilenet_v1": mobilenet_v1_small, "mobilenet_v2": mobilenet_v2_small, "resnet": resnet_small}
+_EPOCHS = {"fashion_mnist": 6, "digits": 40}
+_BATCH = {"fashion_mnist": 128, "digits": 32}  # digits has 1,437 training images: smaller batches, more steps
+_SHORT = {"fashion_mnist": "fmnist", "digits": "digits"}
+REFERENCE = {f"{arch}_{_SHORT[ds]}": Reference(f"{arch}_{_SHORT[ds]}", build, ds, _EPOCHS[ds], _BATCH[ds])
+             for ds in ("fashion_mnist", "digits") for arch, build in ARCHITECTURES.items()}
+
+
+class ReferenceUnavailable(RuntimeError):
+    """A reference model's weights are missing; the message says how to make them."""
+
+
+def reference(name: str) -> Reference:
+    if name not in REFERENCE:
+        raise ValueError(f"unknown reference model {name!r}; known: {', '.join(REFERENCE)}")
+    return REFERENCE[name]
+
+
+def load(name: str) -> keras.Model:
+    """The trained reference model `name` (see REFERENCE), from its committed weights."""
+    ref = reference(name)
+    if not os.path.isfile(ref.path):
+        raise ReferenceUnavailable(f"{ref.path} is missing; train it with `python scripts/train_reference.py "
+                                   f"--models {name}`")
+    return keras.models.load_model(ref.path, compile=False)
+
+
+def manifest() -> dict:
+    """name -> what training measured (test accuracy, epochs, seed, data set, parameters)."""
+    if not os.path.isfile(MANIFEST):
+        return {}
+    with open(MANIFEST, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def train(model, dataset: str, epochs: int = 3, batch_size: int = 128, seed: int = 0, verbose: int = 0,
+          learning_rate: float = 2e-3):
+    """Trains `model` (logits output) on a data set of `datasets`; returns test accuracy.
+
+    Adam with a cosine-decayed learning rate; fixed seeds and deterministic ops,
+    so the same call on a model built after `keras.utils.set_random_seed(seed)`
+    gives the same weights on the same machine.
+    """
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    (x_train, y_train), (x_test, y_test) = datasets.load(dataset)
+    steps = epochs * -(-len(x_train) // batch_size)
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps, alpha=0.05)
+    model.compile(keras.optimizers.Adam(schedule),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"])
+    model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs, verbose=verbose, shuffle=True)
+    return float(model.evaluate(x_test, y_test, batch_size=512, verbose=0)[1])
