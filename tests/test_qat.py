@@ -48,6 +48,27 @@ def test_bn_folding_matches_conv_then_bn(kind):
     np.testing.assert_allclose(layer.moving_variance.numpy(), bn_train.moving_variance.numpy(), rtol=1e-4)
 
 
+def test_naive_folding_quantizes_batch_folded_weights():
+    """bn_correction=False (the ablation): same float function in training, but the weights that are
+    fake-quantized are folded with the batch sigma, not the moving one that is deployed. Per-channel
+    symmetric grids scale with each channel (quant(c*w) = c*quant(w)), so only per-tensor weights differ."""
+    model = _conv_bn("depthwise")
+    per_tensor_w4 = qtoolkit.load_scheme("w4a8").replace(weights={"granularity": "per_tensor"})
+    x = random_inputs(model, 16)
+    expected = model.get_layer("bn")(model.get_layer("c")(x), training=True)
+    outs = {}
+    for correction in (True, False):
+        qm = qat.quantize_model(model, per_tensor_w4, bn_correction=correction)
+        layer = [l for l in qm.layers if isinstance(l, QATFoldedConv)][0]
+        assert layer.bn_correction is correction and layer.get_config()["bn_correction"] is correction
+        qat.set_schedule(qm, quant_active=False)
+        np.testing.assert_allclose(layer(x, training=True), expected, atol=1e-4)
+        qat.set_schedule(qm, quant_active=True)
+        outs[correction] = layer(x, training=True).numpy()
+    # 4-bit per-tensor weights: the two trainings see different quantized weights.
+    assert np.abs(outs[True] - outs[False]).max() > 1e-3
+
+
 def test_frozen_bn_stops_updating_statistics():
     model = _conv_bn("conv2d")
     qm = qat.quantize_model(model, "int8")
