@@ -92,3 +92,19 @@ def test_cli_bad_input_is_one_error_line(tmp_path):
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_convert_prints_worst_layers_and_mixed_precision_budget(tmp_path, capsys):
+    from qtoolkit import convert
+
+    path, calib, out = str(tmp_path / "m.keras"), str(tmp_path / "calib.npy"), str(tmp_path / "m.tflite")
+    _model(damage=True).save(path)
+    np.save(calib, X)
+    convert.run(path, out, calib, num_calibration_samples=100, num_verification_samples=60, budget_min_sqnr=30.0)
+    text = capsys.readouterr().out
+    worst = text.split("most sensitive layers")[1]
+    assert worst.splitlines()[1].strip().startswith("1. c2:")
+    assert "python -m qtoolkit.debug --model" in text
+    assert "met keeping 1 layer(s) float: c2" in text
+    with pytest.raises(convert.UsageError, match="needs --labels"):
+        convert.run(path, out, calib, budget_max_accuracy_drop=1.0)
