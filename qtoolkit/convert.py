@@ -97,6 +97,9 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
         raise UsageError("--budget_max_accuracy_drop needs --labels (labels of the verification samples)")
     if budget_max_accuracy_drop is not None and budget_min_sqnr is not None:
         raise UsageError("give one of --budget_max_accuracy_drop and --budget_min_sqnr, not both")
+    if (budget_max_accuracy_drop is not None or budget_min_sqnr is not None) and verification_data:
+        raise UsageError("mixed precision budgets are measured on held-out calibration samples; "
+                         "drop --verification_data (and give --labels of those held-out samples)")
     result = pipeline.ptq(
         model, calibration_data, scheme, output, num_calibration_samples=num_calibration_samples,
         num_verification_samples=num_verification_samples, verification_data=verification_data, labels=y,
@@ -136,9 +139,16 @@ def _debug_summary(result, model, calibration_data, output, y, budget_max_accura
 
     if result.calibration is None:
         return
+    from qtoolkit.calibrate import DataError
+
     samples = next(iter(result.comparisons.values())).samples
-    rep = debug.analyze(model, calibration_data, result.scheme, tflite=False, allow_unsafe=allow_unsafe,
-                        num_calibration_samples=result.calibration.samples, num_samples=min(samples, 64), **image)
+    try:
+        rep = debug.analyze(model, calibration_data, result.scheme, tflite=False, allow_unsafe=allow_unsafe,
+                            num_calibration_samples=result.calibration.samples, num_samples=min(samples, 64),
+                            **image)
+    except DataError as e:  # e.g. all calibration data used for calibration (separate --verification_data)
+        print(f"\nper-layer summary skipped: {e}", file=out)
+        return
     print(f"\nmost sensitive layers (only that layer quantized, {rep.samples} samples):", file=out)
     print(debug.worst_layers(rep), file=out)
     print(f"full per-layer report: python -m qtoolkit.debug --model {model} --calibration_data "

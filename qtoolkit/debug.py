@@ -136,7 +136,7 @@ class _Setup:
 
 
 def _prepare(model, calibration_data, scheme, num_calibration_samples, num_samples, allow_unsafe,
-             progress) -> _Setup:
+             progress, image_size=None, image_scale=(0.0, 1.0)) -> _Setup:
     scheme = load_scheme(scheme) if not isinstance(scheme, QuantScheme) else scheme
     if scheme.activations is None:
         raise DebugError(f"scheme {scheme.name!r} quantizes only weights: there are no per-layer activation "
@@ -148,7 +148,7 @@ def _prepare(model, calibration_data, scheme, num_calibration_samples, num_sampl
                          "give the .keras/.h5 model")
     keras_model = loaded.keras_model
     specs = [(t.name.split(":")[0], tuple(t.shape), t.dtype.as_numpy_dtype) for t in keras_model.inputs]
-    source = cal.open_source(calibration_data, specs)
+    source = cal.open_source(calibration_data, specs, image_size, image_scale)
     n = source.num_samples
     n_ver = num_samples or (min(200, max(1, n // 5)) if n else 100)
     n_cal = num_calibration_samples or (min(500, n - n_ver) if n else 250)
@@ -274,7 +274,8 @@ def _tflite_tensors(data: bytes, samples, quant_names) -> tuple[dict, dict, np.n
 
 def analyze(model: Any, calibration_data: Any, scheme: Any = "int8", output: Optional[str] = None, *,
             num_calibration_samples: Optional[int] = None, num_samples: Optional[int] = None,
-            tflite: bool = True, allow_unsafe: bool = False, progress: bool = False, _setup=None) -> Report:
+            tflite: bool = True, allow_unsafe: bool = False, progress: bool = False, image_size=None,
+            image_scale=(0.0, 1.0), _setup=None) -> Report:
     """Measures every quantized layer's error (see the module docstring); writes the report if `output`.
 
     Args:
@@ -291,7 +292,7 @@ def analyze(model: Any, calibration_data: Any, scheme: Any = "int8", output: Opt
     if output:
         export.check_writable(output.rstrip("/") + ".tmp")
     s = _setup or _prepare(model, calibration_data, scheme, num_calibration_samples, num_samples, allow_unsafe,
-                           progress)
+                           progress, image_size, image_scale)
     rw, x = s.rewritten, s.samples
     quant_names = [u[1] for u in s.units]
     float_all = _run(rw.float_model, x)
@@ -313,6 +314,10 @@ def analyze(model: Any, calibration_data: Any, scheme: Any = "int8", output: Opt
     sim_sqnr = {q: verify.sqnr_db(probes[q], cum[q]) for q in quant_names}
     output_sqnr = {"simulated": verify.sqnr_db(ref, sim_out)}
     tfl_vals, tfl_names = {}, {}
+    if tflite and s.scheme.activations.bits == 16:
+        print("note: int16x8 is measured in the simulation only: the converter calibrates int16x8 itself, so its "
+              "tensors are not the rewriter's", file=sys.stderr)
+        tflite = False
     if tflite:
         data = _export(s)
         tfl_vals, tfl_names, tfl_out = _tflite_tensors(data, x, quant_names)
@@ -338,9 +343,6 @@ def analyze(model: Any, calibration_data: Any, scheme: Any = "int8", output: Opt
 
 
 def _export(s: _Setup) -> bytes:
-    if s.scheme.activations.bits == 16:
-        raise DebugError("int16x8: TFLite-side measurement needs the converter's own int16x8 calibration, whose "
-                         "tensors are not the rewriter's; use tflite=False (--notflite)")
     return export.fake_quant_to_tflite(s.rewritten.model, "float32")
 
 
@@ -491,7 +493,7 @@ def mixed_precision(model: Any, calibration_data: Any, scheme: Any = "int8", out
                     budget_min_sqnr: Optional[float] = None, budget_max_accuracy_drop: Optional[float] = None,
                     labels: Optional[np.ndarray] = None, num_calibration_samples: Optional[int] = None,
                     num_samples: Optional[int] = None, io_dtype: str = "int8", allow_unsafe: bool = False,
-                    progress: bool = False) -> MixedPrecision:
+                    progress: bool = False, image_size=None, image_scale=(0.0, 1.0)) -> MixedPrecision:
     """Keeps the fewest layers float (most sensitive first) so the exported model meets the budget.
 
     Each candidate is converted and measured with the LiteRT interpreter on
@@ -509,7 +511,8 @@ def mixed_precision(model: Any, calibration_data: Any, scheme: Any = "int8", out
         raise ValueError("budget_max_accuracy_drop needs the labels of the verification samples (--labels)")
     if output:
         export.check_writable(output)
-    s = _prepare(model, calibration_data, scheme, num_calibration_samples, num_samples, allow_unsafe, progress)
+    s = _prepare(model, calibration_data, scheme, num_calibration_samples, num_samples, allow_unsafe, progress,
+                 image_size, image_scale)
     if s.scheme.activations.bits != 8:
         raise DebugError(f"mixed precision starts from an 8-bit activation scheme, not {s.scheme.name!r}")
     report = analyze(None, None, s.scheme, tflite=False, _setup=s)

@@ -60,8 +60,8 @@ def test_tflite_tensors_match_simulated_on_undamaged_model():
 def test_int16x8_ranks_damaged_weights_first_and_other_layers_gain():
     # The outlier wrecks c2's per-channel int8 weight grid, which 16-bit activations do not fix.
     r8 = debug.analyze(_model(damage=True), X, "int8", tflite=False, num_calibration_samples=100, num_samples=40)
-    r16 = debug.analyze(_model(damage=True), X, "int16x8", tflite=False, num_calibration_samples=100, num_samples=40)
-    assert r16.layers[0].name == "c2"
+    r16 = debug.analyze(_model(damage=True), X, "int16x8", num_calibration_samples=100, num_samples=40)
+    assert r16.layers[0].name == "c2" and r16.layers[0].tflite_sqnr is None  # simulation only
     s8 = {e.name: e.sensitivity_sqnr for e in r8.layers}
     s16 = {e.name: e.sensitivity_sqnr for e in r16.layers}
     assert s16["gap"] > s8["gap"] + 20   # an activation-only quantizer: 8 more bits, about 48 dB more
@@ -108,3 +108,8 @@ def test_convert_prints_worst_layers_and_mixed_precision_budget(tmp_path, capsys
     assert "met keeping 1 layer(s) float: c2" in text
     with pytest.raises(convert.UsageError, match="needs --labels"):
         convert.run(path, out, calib, budget_max_accuracy_drop=1.0)
+
+
+def test_weight_only_scheme_is_a_clear_error():
+    with pytest.raises(debug.DebugError, match="quantizes only weights"):
+        debug.analyze(_model(), X, "weight_only_int8")
