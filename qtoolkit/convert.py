@@ -49,6 +49,13 @@ _IMAGE_SIZE = flags.DEFINE_string("image_size", None, "HxW to resize images of a
 _IMAGE_SCALE = flags.DEFINE_string("image_scale", "0,1", "Real range pixel values 0..255 map to, e.g. -1,1.")
 _UNSAFE = flags.DEFINE_bool("allow_unsafe_deserialization", False,
                             "Allow models with serialized Python code (Lambda layers). Only for trusted files.")
+_BUDGET_DROP = flags.DEFINE_float(
+    "budget_max_accuracy_drop", None,
+    "Automatic mixed precision: keep the most sensitive layers float until the top-1 accuracy drop (points, "
+    "against --labels) is at most this; the mixed model is written to --output.")
+_BUDGET_SQNR = flags.DEFINE_float(
+    "budget_min_sqnr", None,
+    "Automatic mixed precision: keep the most sensitive layers float until the output SQNR (dB) is at least this.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show Python tracebacks and TensorFlow logs on errors.")
 
 
@@ -67,7 +74,7 @@ def _pair(text, name, cast):
 def run(model: str, output: str, calibration_data: str, scheme: str = "int8", report: str | None = None,
         num_calibration_samples=None, num_verification_samples=None, verification_data=None, labels=None,
         range_method=None, io_dtype="int8", batch_size=32, strict=False, image_size=None, image_scale="0,1",
-        allow_unsafe=False, out=None):
+        allow_unsafe=False, out=None, budget_max_accuracy_drop=None, budget_min_sqnr=None):
     """Runs the conversion (what the command line does); returns the PTQResult.
 
     Raises the toolkit's errors (see pipeline.ptq); `main` turns them into one line.
@@ -86,6 +93,13 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
         except (OSError, ValueError) as e:
             raise UsageError(f"--labels {labels}: cannot read ({str(e).splitlines()[0]})") from None
     size = _pair(image_size, "image_size", int) if image_size else None
+    if budget_max_accuracy_drop is not None and y is None:
+        raise UsageError("--budget_max_accuracy_drop needs --labels (labels of the verification samples)")
+    if budget_max_accuracy_drop is not None and budget_min_sqnr is not None:
+        raise UsageError("give one of --budget_max_accuracy_drop and --budget_min_sqnr, not both")
+    if (budget_max_accuracy_drop is not None or budget_min_sqnr is not None) and verification_data:
+        raise UsageError("mixed precision budgets are measured on held-out calibration samples; "
+                         "drop --verification_data (and give --labels of those held-out samples)")
     result = pipeline.ptq(
         model, calibration_data, scheme, output, num_calibration_samples=num_calibration_samples,
         num_verification_samples=num_verification_samples, verification_data=verification_data, labels=y,
@@ -108,12 +122,46 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
     print(f"\nverification (LiteRT interpreter, {next(iter(result.comparisons.values())).samples} held-out "
           "samples, first model output):", file=out)
     print(result.table(), file=out)
+    _debug_summary(result, model, calibration_data, output, y, budget_max_accuracy_drop, budget_min_sqnr,
+                   allow_unsafe, out, image={"image_size": size, "image_scale": _pair(image_scale, "image_scale", float)})
     if report:
         from qtoolkit.export import write_atomic
 
         write_atomic(report, (json.dumps(result.to_dict(), indent=2, default=_json_default) + "\n").encode())
         print(f"report: {report}", file=out)
     return result
+
+
+def _debug_summary(result, model, calibration_data, output, y, budget_max_accuracy_drop, budget_min_sqnr,
+                   allow_unsafe, out, image):
+    """The three most sensitive layers (and mixed precision when a budget is given)."""
+    from qtoolkit import debug
+
+    if result.calibration is None:
+        return
+    from qtoolkit.calibrate import DataError
+
+    samples = next(iter(result.comparisons.values())).samples
+    try:
+        rep = debug.analyze(model, calibration_data, result.scheme, tflite=False, allow_unsafe=allow_unsafe,
+                            num_calibration_samples=result.calibration.samples, num_samples=min(samples, 64),
+                            **image)
+    except DataError as e:  # e.g. all calibration data used for calibration (separate --verification_data)
+        print(f"\nper-layer summary skipped: {e}", file=out)
+        return
+    print(f"\nmost sensitive layers (only that layer quantized, {rep.samples} samples):", file=out)
+    print(debug.worst_layers(rep), file=out)
+    print(f"full per-layer report: python -m qtoolkit.debug --model {model} --calibration_data "
+          f"{calibration_data} --scheme {result.scheme.name} --output debug_report", file=out)
+    if budget_max_accuracy_drop is None and budget_min_sqnr is None:
+        return
+    mp = debug.mixed_precision(model, calibration_data, result.scheme, output,
+                               budget_min_sqnr=budget_min_sqnr, budget_max_accuracy_drop=budget_max_accuracy_drop,
+                               labels=y, num_calibration_samples=result.calibration.samples,
+                               num_samples=samples, allow_unsafe=allow_unsafe, **image)
+    print("\n" + mp.summary(), file=out)
+    if output:
+        print(f"wrote {output} (mixed precision{'' if mp.met else ', budget NOT met'})", file=out)
 
 
 def _json_default(value):
@@ -127,10 +175,10 @@ def _json_default(value):
 
 
 def _known_errors():
-    from qtoolkit import calibrate, export, loading, rewrite, schemes
+    from qtoolkit import calibrate, debug, export, loading, rewrite, schemes
 
     return (UsageError, loading.ModelLoadError, calibrate.DataError, schemes.SchemeError,
-            rewrite.UnquantizableLayersError, rewrite.UnsupportedModelError, export.ExportError)
+            rewrite.UnquantizableLayersError, rewrite.UnsupportedModelError, export.ExportError, debug.DebugError)
 
 
 def main(argv):
@@ -168,7 +216,8 @@ def _terminate(signum, frame):
 def _run_from_flags():
     run(_MODEL.value, _OUTPUT.value, _CALIBRATION.value, _SCHEME.value, _REPORT.value, _NUM_CAL.value,
             _NUM_VER.value, _VER_DATA.value, _LABELS.value, _RANGE.value, _IO.value, _BATCH.value, _STRICT.value,
-            _IMAGE_SIZE.value, _IMAGE_SCALE.value, _UNSAFE.value)
+            _IMAGE_SIZE.value, _IMAGE_SCALE.value, _UNSAFE.value,
+            budget_max_accuracy_drop=_BUDGET_DROP.value, budget_min_sqnr=_BUDGET_SQNR.value)
 
 
 def entry_point():
