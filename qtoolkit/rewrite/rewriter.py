@@ -23,6 +23,7 @@ import re
 from typing import Optional
 
 import numpy as np
+import tensorflow as tf
 import tf_keras as keras
 
 from qtoolkit.rewrite import graph as g
@@ -151,6 +152,66 @@ def _affine_params(layer) -> Optional[tuple[np.ndarray, np.ndarray]]:
     return scale.astype(np.float32).copy(), offset.astype(np.float32).copy()
 
 
+ADD_TF_OPS = ("__operators__.add", "math.add")
+
+
+def _constant_add(node: g.Node) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(scale 1, offset c) per channel when `node` is tensor + constant (a TFOpLambda), else None.
+
+    MobileNetV3's hard sigmoid is relu6(x + 3) / 6: TFLite's int8 ADD of the
+    constant 3 leaves XNNPACK when the input's scale is far below the output's
+    (scale ratio under 2^-10), and the converter's PTQ fuses the pattern into
+    HARD_SWISH, which XNNPACK has no int8 kernel for.  As a 1x1 depthwise conv
+    (weight 1, bias c, ReLU6 fused) it is one int8 op XNNPACK always takes.
+    """
+    if getattr(node.layer, "symbol", None) not in ADD_TF_OPS or len(node.inputs) != 1 or len(node.outputs) != 1:
+        return None
+    consts = [a for a in (*node.args, *(v for k, v in node.kwargs.items() if k != "name"))
+              if not isinstance(a, g.TensorRef) and a is not None]
+    shape = node.layer.output_shape
+    if len(consts) != 1 or isinstance(shape, list) or len(shape) < 2 or shape[-1] is None:
+        return None
+    try:
+        c = np.asarray(consts[0], np.float32)
+    except (TypeError, ValueError):
+        return None
+    channels = int(shape[-1])
+    if c.size not in (1, channels) or (c.ndim > 1 and c.size != 1 and c.shape[-1] != channels):
+        return None
+    offset = np.broadcast_to(c.reshape(-1), (channels,)).astype(np.float32).copy()
+    return np.ones(channels, np.float32), offset
+
+
+def _constant_multiply(node: g.Node) -> Optional[float]:
+    """k when `node` is tensor * scalar constant k (a TFOpLambda), else None."""
+    if getattr(node.layer, "symbol", None) != "math.multiply" or len(node.inputs) != 1 or len(node.outputs) != 1:
+        return None
+    consts = [a for a in (*node.args, *(v for k, v in node.kwargs.items() if k != "name"))
+              if not isinstance(a, g.TensorRef) and a is not None]
+    if len(consts) != 1 or np.size(consts[0]) != 1:
+        return None
+    try:
+        return float(np.asarray(consts[0], np.float32).reshape(()))
+    except (TypeError, ValueError):
+        return None
+
+
+def _static_reshape(node: g.Node) -> Optional[list]:
+    """[-1, *target] for a Reshape layer whose output shape is known, else None.
+
+    Keras' Reshape builds its shape at run time from the batch size
+    (SHAPE/STRIDED_SLICE/PACK before the RESHAPE in TFLite), ops XNNPACK does
+    not take: EfficientNet's squeeze-excite blocks split its graph into 17
+    partitions.  A constant shape with -1 for the batch is one RESHAPE.
+    """
+    if not isinstance(node.layer, L.Reshape) or len(node.inputs) != 1:
+        return None
+    shape = node.layer.output_shape
+    if isinstance(shape, list) or any(d is None for d in shape[1:]):
+        return None
+    return [-1, *(int(d) for d in shape[1:])]
+
+
 def _is_channel_last_bn(bn, rank: int) -> bool:
     axis = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
     return len(axis) == 1 and axis[0] in (-1, rank - 1) and not getattr(bn, "renorm", False)
@@ -163,6 +224,7 @@ class _Step:
     absorbed: list = dataclasses.field(default_factory=list)
     activation: str = "linear"
     fixed_range: Optional[tuple] = None
+    affine: Optional[tuple] = None   # (scale, offset) of an affine step that is not a layer's own
 
 
 def _plan(graph: g.Graph, scheme: QuantScheme) -> list[_Step]:
@@ -175,6 +237,7 @@ def _plan(graph: g.Graph, scheme: QuantScheme) -> list[_Step]:
         users = consumers.get(tensor, [])
         return users[0] if len(users) == 1 and tensor not in outputs else None
 
+    fixed_8bit = scheme.activations is not None and scheme.activations.bits == 8
     for node in graph.nodes:
         if id(node) in absorbed:
             continue
@@ -201,6 +264,24 @@ def _plan(graph: g.Graph, scheme: QuantScheme) -> list[_Step]:
         elif (isinstance(layer, L.BatchNormalization) and _is_channel_last_bn(layer, len(layer.input_shape))) \
                 or (isinstance(layer, (L.Rescaling, L.Normalization)) and _affine_params(layer) is not None):
             steps.append(_Step("affine", node))
+        elif _constant_add(node) is not None and scheme.activations is not None:
+            step = _Step("affine", node, affine=_constant_add(node))
+            nxt = single_consumer(node.outputs[0])
+            if nxt is not None and _activation_name(nxt.layer) in ("relu", "relu6"):
+                step.activation = _activation_name(nxt.layer)
+                step.absorbed.append(nxt)
+                absorbed.add(id(nxt))
+                after = single_consumer(nxt.outputs[0])
+                factor = _constant_multiply(after) if after is not None else None
+                if step.activation == "relu6" and factor is not None and factor > 0 and fixed_8bit:
+                    # relu6(x + c) * k == clip(k x + k c, 0, 6 k): a linear conv whose output
+                    # range [0, 6 k] is fixed; the int8 output saturates exactly there.
+                    step.affine = (step.affine[0] * factor, step.affine[1] * factor)
+                    step.activation = "linear"
+                    step.fixed_range = (0.0, 6.0 * factor)
+                    step.absorbed.append(after)
+                    absorbed.add(id(after))
+            steps.append(step)
         elif isinstance(layer, IDENTITY) or _activation_name(layer) == "linear":
             steps.append(_Step("identity", node))
         elif isinstance(layer, SAME_SCALE) or (isinstance(layer, L.UpSampling2D) and layer.interpolation == "nearest") \
@@ -397,7 +478,7 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
         elif step.kind == "affine":
             # A batch norm after no conv: a 1x1 depthwise conv (per-channel int8
             # weights), which TFLite runs in int8; other ranks are reshaped to 4-D.
-            scale, offset = _affine_params(node.layer)
+            scale, offset = step.affine or _affine_params(node.layer)
             x = tensors[node.inputs[0]]
             rank = x.shape.rank
             channels = scale.shape[0]
@@ -405,20 +486,25 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
                 spatial = int(np.prod(x.shape[1:-1])) if rank > 2 else 1
                 x = L.Reshape((1, spatial, channels), name=unique(_safe(node.name) + "_to4d"))(x)
             kernel = scale.reshape(1, 1, channels, 1)
-            new = folded_conv("depthwise", kernel, offset, "linear", node.name,
+            new = folded_conv("depthwise", kernel, offset, step.activation, node.name,
                               {"strides": (1, 1), "padding": "valid", "dilation_rate": (1, 1)})
             out = new(x)
             load_folded(new, kernel, offset)
             if rank != 4:
                 out = L.Reshape(tuple(tensors[node.inputs[0]].shape[1:]), name=unique(_safe(node.name) + "_back"))(out)
+            if step.fixed_range is not None and not quantize:
+                # The quantizer's fixed range clips the fake-quant model; the float twin clips explicitly.
+                out = L.ReLU(max_value=step.fixed_range[1], name=unique(_safe(node.name) + "_clip"))(out)
         elif step.kind == "identity":
             out = tensors[node.inputs[0]]
+        elif step.kind == "same_scale" and _static_reshape(node) is not None:
+            out = tf.reshape(tensors[node.inputs[0]], _static_reshape(node), name=unique(_safe(node.name)))
         else:
             out = g.call(node, tensors)
             for extra in step.absorbed:
                 out = extra.layer(out)
         outs = out if isinstance(out, (list, tuple)) else [out]
-        last = step.absorbed[-1] if step.kind in ("fused", "quantized") and step.absorbed else node
+        last = step.absorbed[-1] if step.kind in ("fused", "quantized", "affine") and step.absorbed else node
         out_ids = last.outputs
         for tid, t in zip(out_ids, outs):
             needs_range = step.kind in ("fused", "affine", "quantized", "fixed", "swish")
