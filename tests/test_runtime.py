@@ -108,3 +108,16 @@ def test_convert_warns_and_strict_fails_on_ops_outside_the_delegate(tmp_path):
     with pytest.raises(runtime.RuntimeGuardError, match="GELU"):
         convert.run(path, str(out), str(tmp_path / "cal.npy"), strict=True, out=open(os.devnull, "w"))
     assert not out.exists()
+
+
+def test_consecutive_affine_layers_become_one_depthwise_conv():
+    inp = keras.Input((6, 6, 3))
+    x = L.Rescaling(1 / 255.0)(inp)
+    norm = L.Normalization(mean=[0.4, 0.5, 0.6], variance=[0.05, 0.06, 0.07])
+    x = L.Conv2D(4, 3)(norm(x))
+    model = keras.Model(inp, x)
+    result = rewrite(model, schemes.load("int8"))
+    x = np.random.default_rng(0).uniform(0, 255, (8, 6, 6, 3)).astype(np.float32)
+    np.testing.assert_allclose(result.float_model(x)[0].numpy(), model(x).numpy(), rtol=1e-4, atol=1e-4)
+    convs = [layer for layer in result.model.layers if getattr(layer, "kind", None) == "depthwise"]
+    assert len(convs) == 1 and any("+" in f and "normalization" in f for f in result.folded)

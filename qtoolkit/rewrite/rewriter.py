@@ -212,6 +212,12 @@ def _static_reshape(node: g.Node) -> Optional[list]:
     return [-1, *(int(d) for d in shape[1:])]
 
 
+def _is_affine(layer) -> bool:
+    """A per-channel affine layer the rewriter turns into a 1x1 depthwise conv."""
+    return (isinstance(layer, L.BatchNormalization) and _is_channel_last_bn(layer, len(layer.input_shape))) \
+        or (isinstance(layer, (L.Rescaling, L.Normalization)) and _affine_params(layer) is not None)
+
+
 def _is_channel_last_bn(bn, rank: int) -> bool:
     axis = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
     return len(axis) == 1 and axis[0] in (-1, rank - 1) and not getattr(bn, "renorm", False)
@@ -261,9 +267,18 @@ def _plan(graph: g.Graph, scheme: QuantScheme) -> list[_Step]:
                 step.absorbed.append(nxt)
                 absorbed.add(id(nxt))
             steps.append(step)
-        elif (isinstance(layer, L.BatchNormalization) and _is_channel_last_bn(layer, len(layer.input_shape))) \
-                or (isinstance(layer, (L.Rescaling, L.Normalization)) and _affine_params(layer) is not None):
-            steps.append(_Step("affine", node))
+        elif _is_affine(layer):
+            step = _Step("affine", node, affine=_affine_params(layer))
+            nxt = single_consumer(node.outputs[0])
+            while nxt is not None and _is_affine(nxt.layer):
+                # Consecutive affine layers (EfficientNet's Rescaling then Normalization) are one
+                # 1x1 depthwise conv: one int8 op at input resolution instead of two.
+                scale, offset = _affine_params(nxt.layer)
+                step.affine = (step.affine[0] * scale, step.affine[1] * scale + offset)
+                step.absorbed.append(nxt)
+                absorbed.add(id(nxt))
+                nxt = single_consumer(nxt.outputs[0])
+            steps.append(step)
         elif _constant_add(node) is not None and scheme.activations is not None:
             step = _Step("affine", node, affine=_constant_add(node))
             nxt = single_consumer(node.outputs[0])
