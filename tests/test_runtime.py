@@ -114,10 +114,52 @@ def test_consecutive_affine_layers_become_one_depthwise_conv():
     inp = keras.Input((6, 6, 3))
     x = L.Rescaling(1 / 255.0)(inp)
     norm = L.Normalization(mean=[0.4, 0.5, 0.6], variance=[0.05, 0.06, 0.07])
-    x = L.Conv2D(4, 3)(norm(x))
+    x = L.Conv2D(4, 3, padding="same")(norm(x))  # offset + same padding: not folded into the conv
     model = keras.Model(inp, x)
     result = rewrite(model, schemes.load("int8"))
     x = np.random.default_rng(0).uniform(0, 255, (8, 6, 6, 3)).astype(np.float32)
     np.testing.assert_allclose(result.float_model(x)[0].numpy(), model(x).numpy(), rtol=1e-4, atol=1e-4)
     convs = [layer for layer in result.model.layers if getattr(layer, "kind", None) == "depthwise"]
     assert len(convs) == 1 and any("+" in f and "normalization" in f for f in result.folded)
+
+
+@pytest.mark.parametrize("offset, padding", [(0.0, "zeropad"), (-1.0, "valid")])
+def test_affine_before_a_conv_is_folded_into_it(offset, padding):
+    inp = keras.Input((9, 9, 3))
+    x = L.Rescaling(1 / 127.5, offset=offset)(inp)
+    if padding == "zeropad":
+        x = L.ZeroPadding2D(1)(x)
+    x = L.Conv2D(4, 3, strides=2, padding="valid")(x)
+    x = L.DepthwiseConv2D(3)(x)
+    model = keras.Model(inp, x)
+    result = rewrite(model, schemes.load("int8"))
+    x = np.random.default_rng(0).uniform(0, 255, (8, 9, 9, 3)).astype(np.float32)
+    np.testing.assert_allclose(result.float_model(x)[0].numpy(), model(x).numpy(), rtol=1e-4, atol=1e-4)
+    assert not [layer for layer in result.model.layers if getattr(layer, "kind", None) == "depthwise"
+                and layer.name.startswith("rescaling")]
+    assert sum(" into " in f for f in result.folded) == 1
+
+
+def test_affine_before_a_same_padded_conv_with_offset_stays_a_depthwise_conv():
+    inp = keras.Input((9, 9, 3))
+    model = keras.Model(inp, L.Conv2D(4, 3, padding="same")(L.Rescaling(1 / 127.5, offset=-1.0)(inp)))
+    result = rewrite(model, schemes.load("int8"))
+    x = np.random.default_rng(0).uniform(0, 255, (4, 9, 9, 3)).astype(np.float32)
+    np.testing.assert_allclose(result.float_model(x)[0].numpy(), model(x).numpy(), rtol=1e-4, atol=1e-4)
+    assert not any(" into " in f for f in result.folded)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_average_pooling_runs_as_a_delegated_depthwise_conv(padding):
+    inp = keras.Input((9, 9, 4))
+    x = L.Conv2D(8, 1)(inp)
+    x = L.AveragePooling2D(3, strides=1 if padding == "same" else 2, padding=padding)(x)
+    model = keras.Model(inp, L.Conv2D(4, 1)(x))
+    data = np.random.default_rng(0).uniform(-1, 1, (120, 9, 9, 4)).astype(np.float32)
+    rewritten = rewrite(model, schemes.load("int8"))
+    np.testing.assert_allclose(rewritten.float_model(data[:8])[0].numpy(), model(data[:8]).numpy(),
+                               rtol=1e-5, atol=1e-5)
+    result = ptq(model, data[:100], "int8", verification_data=data[100:], progress=False)
+    assert "AVERAGE_POOL_2D" not in result.inspection.ops
+    assert runtime.delegation(result.tflite).fully_delegated
+    assert result.comparisons["float vs TFLite"].sqnr_db > 30
