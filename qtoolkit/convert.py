@@ -14,6 +14,7 @@ wrong usage.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -44,7 +45,8 @@ _RANGE = flags.DEFINE_enum("range_method", None, ["minmax", "ema", "percentile",
                            "Override the scheme's activation range method.")
 _IO = flags.DEFINE_enum("io_dtype", "int8", ["int8", "uint8", "float32"], "Model input/output dtype.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Calibration batch size.")
-_STRICT = flags.DEFINE_bool("strict", False, "Fail if any layer would stay in float.")
+_STRICT = flags.DEFINE_bool("strict", False, "Fail if any layer would stay in float, or if the quantized model "
+                            "leaves ops outside the XNNPACK delegate or is slower than the float model.")
 _IMAGE_SIZE = flags.DEFINE_string("image_size", None, "HxW to resize images of a folder to (default: the model's).")
 _IMAGE_SCALE = flags.DEFINE_string("image_scale", "0,1", "Real range pixel values 0..255 map to, e.g. -1,1.")
 _UNSAFE = flags.DEFINE_bool("allow_unsafe_deserialization", False,
@@ -57,6 +59,11 @@ _BUDGET_SQNR = flags.DEFINE_float(
     "budget_min_sqnr", None,
     "Automatic mixed precision: keep the most sensitive layers float until the output SQNR (dB) is at least this.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show Python tracebacks and TensorFlow logs on errors.")
+# Runtime (issue 9): XNNPACK delegation report, latency, guard.
+_BENCHMARK = flags.DEFINE_bool("benchmark", False,
+                               "Measure float vs quantized latency (LiteRT, XNNPACK, batch 1, 1 and all threads, "
+                               "median after warm-up) and add it to the runtime report.")
+_BENCHMARK_RUNS = flags.DEFINE_integer("benchmark_runs", 100, "Timed invokes per model and thread count.")
 
 
 class UsageError(ValueError):
@@ -74,7 +81,8 @@ def _pair(text, name, cast):
 def run(model: str, output: str, calibration_data: str, scheme: str = "int8", report: str | None = None,
         num_calibration_samples=None, num_verification_samples=None, verification_data=None, labels=None,
         range_method=None, io_dtype="int8", batch_size=32, strict=False, image_size=None, image_scale="0,1",
-        allow_unsafe=False, out=None, budget_max_accuracy_drop=None, budget_min_sqnr=None):
+        allow_unsafe=False, out=None, budget_max_accuracy_drop=None, budget_min_sqnr=None, benchmark=False,
+        benchmark_runs=100):
     """Runs the conversion (what the command line does); returns the PTQResult.
 
     Raises the toolkit's errors (see pipeline.ptq); `main` turns them into one line.
@@ -100,8 +108,18 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
     if (budget_max_accuracy_drop is not None or budget_min_sqnr is not None) and verification_data:
         raise UsageError("mixed precision budgets are measured on held-out calibration samples; "
                          "drop --verification_data (and give --labels of those held-out samples)")
+    if output:
+        export.check_writable(output)
+    from qtoolkit.loading import LoadedModel, load_model
+
+    model_arg = model  # the path (or model) as given, for the debugger
+    if isinstance(model, str):
+        model = load_model(model, allow_unsafe)
+    elif not isinstance(model, LoadedModel):
+        model = LoadedModel("<in memory>", model, "keras")
+    # Written only after the runtime guard (below) passed.
     result = pipeline.ptq(
-        model, calibration_data, scheme, output, num_calibration_samples=num_calibration_samples,
+        model, calibration_data, scheme, None, num_calibration_samples=num_calibration_samples,
         num_verification_samples=num_verification_samples, verification_data=verification_data, labels=y,
         range_method=range_method, io_dtype=io_dtype, batch_size=batch_size, strict=strict,
         image_size=size, image_scale=_pair(image_scale, "image_scale", float), allow_unsafe=allow_unsafe,
@@ -118,16 +136,21 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
         print(f"calibrated {len(c.ranges)} activation ranges ({c.method}) on {c.samples} samples "
               f"in {c.seconds:.1f} s", file=out)
     print(result.inspection.summary(), file=out)
+    runtime_report = _runtime_report(model, result, benchmark, benchmark_runs, strict, out)
+    if output:
+        export.write_atomic(output, result.tflite)
+        result = dataclasses.replace(result, output=output)
     print(f"wrote {output}" if output else "no --output: nothing written", file=out)
     print(f"\nverification (LiteRT interpreter, {next(iter(result.comparisons.values())).samples} held-out "
           "samples, first model output):", file=out)
     print(result.table(), file=out)
-    _debug_summary(result, model, calibration_data, output, y, budget_max_accuracy_drop, budget_min_sqnr,
+    _debug_summary(result, model_arg, calibration_data, output, y, budget_max_accuracy_drop, budget_min_sqnr,
                    allow_unsafe, out, image={"image_size": size, "image_scale": _pair(image_scale, "image_scale", float)})
     if report:
         from qtoolkit.export import write_atomic
 
-        write_atomic(report, (json.dumps(result.to_dict(), indent=2, default=_json_default) + "\n").encode())
+        data = {**result.to_dict(), "runtime": runtime_report.to_dict()}
+        write_atomic(report, (json.dumps(data, indent=2, default=_json_default) + "\n").encode())
         print(f"report: {report}", file=out)
     return result
 
@@ -164,6 +187,26 @@ def _debug_summary(result, model, calibration_data, output, y, budget_max_accura
         print(f"wrote {output} (mixed precision{'' if mp.met else ', budget NOT met'})", file=out)
 
 
+def _runtime_report(loaded, result, benchmark, runs, strict, out):
+    """XNNPACK delegation of the float and quantized models (and latency); warns, or fails when strict."""
+    from qtoolkit import export, runtime
+
+    if loaded.keras_model is not None:
+        float_model = export.float_tflite(loaded.keras_model)
+    else:
+        float_model = export.float_tflite_saved_model(loaded.path)
+    threads = sorted({1, os.cpu_count() or 1})
+    rt = runtime.report(float_model, result.tflite, benchmark=benchmark, threads=threads, runs=runs)
+    print(rt.summary(), file=out)
+    problems = rt.problems()
+    if problems and strict:
+        raise runtime.RuntimeGuardError("; ".join(problems) + "; nothing was written (drop --strict to write it "
+                                        "anyway)")
+    for problem in problems:
+        print(f"warning: {problem}", file=out)
+    return rt
+
+
 def _json_default(value):
     import numpy as np
 
@@ -175,10 +218,11 @@ def _json_default(value):
 
 
 def _known_errors():
-    from qtoolkit import calibrate, debug, export, loading, rewrite, schemes
+    from qtoolkit import calibrate, debug, export, loading, rewrite, runtime, schemes
 
     return (UsageError, loading.ModelLoadError, calibrate.DataError, schemes.SchemeError,
-            rewrite.UnquantizableLayersError, rewrite.UnsupportedModelError, export.ExportError, debug.DebugError)
+            rewrite.UnquantizableLayersError, rewrite.UnsupportedModelError, export.ExportError, debug.DebugError,
+            runtime.RuntimeGuardError)
 
 
 def main(argv):
@@ -217,7 +261,8 @@ def _run_from_flags():
     run(_MODEL.value, _OUTPUT.value, _CALIBRATION.value, _SCHEME.value, _REPORT.value, _NUM_CAL.value,
             _NUM_VER.value, _VER_DATA.value, _LABELS.value, _RANGE.value, _IO.value, _BATCH.value, _STRICT.value,
             _IMAGE_SIZE.value, _IMAGE_SCALE.value, _UNSAFE.value,
-            budget_max_accuracy_drop=_BUDGET_DROP.value, budget_min_sqnr=_BUDGET_SQNR.value)
+            budget_max_accuracy_drop=_BUDGET_DROP.value, budget_min_sqnr=_BUDGET_SQNR.value,
+            benchmark=_BENCHMARK.value, benchmark_runs=_BENCHMARK_RUNS.value)
 
 
 def entry_point():

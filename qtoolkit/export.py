@@ -178,8 +178,8 @@ def converter_ptq_tflite(model, representative: Callable[[], Iterable], int16x8:
 
 
 def float_tflite(model) -> bytes:
-    """The float32 TFLite model (the latency and accuracy reference)."""
-    return _convert(_converter_for(model))
+    """The float32 TFLite model (the latency and accuracy reference), from the traced inference function."""
+    return _convert(_converter_from_function(model))
 
 
 def check_size_estimate(model, bytes_per_parameter: float = 1.0) -> int:

@@ -4,7 +4,9 @@ For each model, with the same calibration samples: conversion time, size,
 whether every op is int8, SQNR / top-1 agreement / accuracy against the float
 model (LiteRT interpreter, held-out samples), and the latency of the float,
 converter-int8 and qtoolkit-int8 flatbuffers (LiteRT, batch 1, 1 and 2
-threads, median of --runs after warm-up), all measured in this one run.
+threads, median of --runs invokes after warm-up, the three models measured in
+alternating rounds), XNNPACK partitions and the ops left outside the delegate,
+all measured in this one run.
 
     python scripts/bench_ptq.py                      # every model, markdown table on stdout
     python scripts/bench_ptq.py --models fmnist_mobilenet --calibration_samples 1000
@@ -29,10 +31,11 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from qtoolkit import datasets, export, latency, verify, zoo
+from qtoolkit import datasets, export, runtime, verify, zoo
 from qtoolkit.pipeline import ptq
 
-APPS = {"MobileNet": 96, "MobileNetV2": 96, "MobileNetV3Small": 96, "ResNet50": 64, "EfficientNetB0": 96}
+APPS = {"MobileNet": 96, "MobileNetV2": 96, "MobileNetV3Small": 96, "MobileNetV3Large": 96, "ResNet50": 64,
+        "EfficientNetB0": 96, "InceptionV3": 96}
 CACHE = os.path.join("build", "bench")
 
 
@@ -66,11 +69,18 @@ def bench(name, n_cal, n_ver, runs):
     flt = export.float_tflite(model)
     ref = model.predict(x_ver, batch_size=64, verbose=0)
     their_cmp = verify.compare(ref, verify.LiteRTModel(theirs).predict(x_ver), y_ver)
-    lat = {(kind, t): latency.median_ms(data, threads=t, runs=runs)
-           for kind, data in (("float", flt), ("converter", theirs), ("qtoolkit", ours.tflite)) for t in (1, 2)}
+    # Alternating rounds: the three models share the machine's slow and fast phases alike.
+    lat = {}
+    for t in (1, 2):
+        ms = runtime.alternate_median_ms({"float": flt, "converter": theirs, "qtoolkit": ours.tflite},
+                                         threads=t, runs=runs)
+        lat.update({(kind, t): v for kind, v in ms.items()})
+    float_partitions = runtime.delegation(flt).partitions
     for tool, data, cmp, secs in (("converter PTQ", theirs, their_cmp, t_theirs),
                                   ("qtoolkit", ours.tflite, ours.comparisons["float vs TFLite"], t_ours)):
         insp = export.inspect(data)
+        deleg = runtime.delegation(data)
+        outside = sorted({op for op, _ in deleg.outside})
         key = "converter" if tool == "converter PTQ" else "qtoolkit"
         rows[tool] = {
             "convert s": f"{secs:.1f}", "size KiB": f"{len(data) / 1024:.0f}",
@@ -81,6 +91,9 @@ def bench(name, n_cal, n_ver, runs):
             f"{cmp.candidate_accuracy:.4f} ({cmp.reference_accuracy:.4f})",
             "int8/float latency 1T": f"{lat[(key, 1)] / lat[('float', 1)]:.2f}",
             "int8/float latency 2T": f"{lat[(key, 2)] / lat[('float', 2)]:.2f}",
+            "XNNPACK partitions (float)": f"{deleg.partitions} ({float_partitions})",
+            "ops outside XNNPACK": f"{len(deleg.outside)} {'/'.join(outside)}".strip(),
+            "latency / converter's 1T": f"{lat[(key, 1)] / lat[('converter', 1)]:.2f}",
         }
     gap = ours.comparisons["simulated vs TFLite"].max_error_steps
     return rows, gap, lat

@@ -23,6 +23,7 @@ import re
 from typing import Optional
 
 import numpy as np
+import tensorflow as tf
 import tf_keras as keras
 
 from qtoolkit.rewrite import graph as g
@@ -151,6 +152,87 @@ def _affine_params(layer) -> Optional[tuple[np.ndarray, np.ndarray]]:
     return scale.astype(np.float32).copy(), offset.astype(np.float32).copy()
 
 
+ADD_TF_OPS = ("__operators__.add", "math.add")
+
+
+def _constant_add(node: g.Node) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(scale 1, offset c) per channel when `node` is tensor + constant (a TFOpLambda), else None.
+
+    MobileNetV3's hard sigmoid is relu6(x + 3) / 6: TFLite's int8 ADD of the
+    constant 3 leaves XNNPACK when the input's scale is far below the output's
+    (scale ratio under 2^-10), and the converter's PTQ fuses the pattern into
+    HARD_SWISH, which XNNPACK has no int8 kernel for.  As a 1x1 depthwise conv
+    (weight 1, bias c, ReLU6 fused) it is one int8 op XNNPACK always takes.
+    """
+    if getattr(node.layer, "symbol", None) not in ADD_TF_OPS or len(node.inputs) != 1 or len(node.outputs) != 1:
+        return None
+    consts = [a for a in (*node.args, *(v for k, v in node.kwargs.items() if k != "name"))
+              if not isinstance(a, g.TensorRef) and a is not None]
+    shape = node.layer.output_shape
+    if len(consts) != 1 or isinstance(shape, list) or len(shape) < 2 or shape[-1] is None:
+        return None
+    try:
+        c = np.asarray(consts[0], np.float32)
+    except (TypeError, ValueError):
+        return None
+    channels = int(shape[-1])
+    if c.size not in (1, channels) or (c.ndim > 1 and c.size != 1 and c.shape[-1] != channels):
+        return None
+    offset = np.broadcast_to(c.reshape(-1), (channels,)).astype(np.float32).copy()
+    return np.ones(channels, np.float32), offset
+
+
+def _avgpool_as_depthwise(layer) -> bool:
+    """An AveragePooling2D the rewriter runs as a depthwise conv (XNNPACK has no int8 average pooling)."""
+    shape = layer.input_shape if isinstance(layer, L.AveragePooling2D) else None
+    return shape is not None and not isinstance(shape, list) and layer.data_format == "channels_last" \
+        and all(d is not None for d in shape[1:])
+
+
+def _avgpool_correction(layer) -> np.ndarray:
+    """(1, H, W, 1): window size / valid elements per output position ('same' padding excludes the pad)."""
+    _, h, w, _ = layer.input_shape
+    ones = tf.ones((1, h, w, 1))
+    counts = tf.nn.conv2d(ones, tf.ones((*layer.pool_size, 1, 1)), layer.strides, layer.padding.upper())
+    return (float(np.prod(layer.pool_size)) / counts.numpy()).astype(np.float32)
+
+
+def _constant_multiply(node: g.Node) -> Optional[float]:
+    """k when `node` is tensor * scalar constant k (a TFOpLambda), else None."""
+    if getattr(node.layer, "symbol", None) != "math.multiply" or len(node.inputs) != 1 or len(node.outputs) != 1:
+        return None
+    consts = [a for a in (*node.args, *(v for k, v in node.kwargs.items() if k != "name"))
+              if not isinstance(a, g.TensorRef) and a is not None]
+    if len(consts) != 1 or np.size(consts[0]) != 1:
+        return None
+    try:
+        return float(np.asarray(consts[0], np.float32).reshape(()))
+    except (TypeError, ValueError):
+        return None
+
+
+def _static_reshape(node: g.Node) -> Optional[list]:
+    """[-1, *target] for a Reshape layer whose output shape is known, else None.
+
+    Keras' Reshape builds its shape at run time from the batch size
+    (SHAPE/STRIDED_SLICE/PACK before the RESHAPE in TFLite), ops XNNPACK does
+    not take: EfficientNet's squeeze-excite blocks split its graph into 17
+    partitions.  A constant shape with -1 for the batch is one RESHAPE.
+    """
+    if not isinstance(node.layer, L.Reshape) or len(node.inputs) != 1:
+        return None
+    shape = node.layer.output_shape
+    if isinstance(shape, list) or any(d is None for d in shape[1:]):
+        return None
+    return [-1, *(int(d) for d in shape[1:])]
+
+
+def _is_affine(layer) -> bool:
+    """A per-channel affine layer the rewriter turns into a 1x1 depthwise conv."""
+    return (isinstance(layer, L.BatchNormalization) and _is_channel_last_bn(layer, len(layer.input_shape))) \
+        or (isinstance(layer, (L.Rescaling, L.Normalization)) and _affine_params(layer) is not None)
+
+
 def _is_channel_last_bn(bn, rank: int) -> bool:
     axis = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
     return len(axis) == 1 and axis[0] in (-1, rank - 1) and not getattr(bn, "renorm", False)
@@ -163,9 +245,38 @@ class _Step:
     absorbed: list = dataclasses.field(default_factory=list)
     activation: str = "linear"
     fixed_range: Optional[tuple] = None
+    affine: Optional[tuple] = None   # (scale, offset) of an affine step that is not a layer's own
+    pre_affine: Optional[tuple] = None   # (scale, offset) per input channel folded into a conv
+    into: Optional[str] = None   # the conv a pre_affine step is folded into
 
 
-def _plan(graph: g.Graph, scheme: QuantScheme) -> list[_Step]:
+def _affine_target(step: _Step, nxt, single_consumer):
+    """The conv an affine step folds into exactly, or None.
+
+    conv(pad(s x + o)) == conv'(pad(x)) with the kernel scaled by s per input
+    channel when o is zero (zero padding commutes with a scale), and with the
+    bias also taking sum(kernel * o) when no padding is involved.  Like the
+    converter does for EfficientNet's Rescaling, this saves an int8 depthwise
+    pass over the input, slow on few channels (3/16 of XNNPACK's channel tile).
+    """
+    scale, offset = step.affine
+    zero_offset = not np.any(offset)
+    if nxt is not None and isinstance(nxt.layer, L.ZeroPadding2D) and zero_offset:
+        nxt = single_consumer(nxt.outputs[0])
+        padded = True
+    else:
+        padded = False
+    if nxt is None or len(nxt.inputs) != 1 or _conv_kind(nxt.layer) not in ("conv2d", "depthwise"):
+        return None
+    if not zero_offset and (padded or nxt.layer.padding != "valid"):
+        return None
+    if not np.all(np.isfinite(scale)) or not np.all(np.isfinite(offset)):
+        return None
+    return nxt
+
+
+def _plan(graph: g.Graph, scheme: QuantScheme, fold_affine: bool = True) -> list[_Step]:
+    pre_affine: dict[int, tuple] = {}
     consumers = graph.consumers()
     outputs = set(graph.outputs)
     absorbed: set[int] = set()
@@ -175,6 +286,7 @@ def _plan(graph: g.Graph, scheme: QuantScheme) -> list[_Step]:
         users = consumers.get(tensor, [])
         return users[0] if len(users) == 1 and tensor not in outputs else None
 
+    fixed_8bit = scheme.activations is not None and scheme.activations.bits == 8
     for node in graph.nodes:
         if id(node) in absorbed:
             continue
@@ -198,9 +310,45 @@ def _plan(graph: g.Graph, scheme: QuantScheme) -> list[_Step]:
                 step.absorbed.append(nxt)
                 absorbed.add(id(nxt))
             steps.append(step)
-        elif (isinstance(layer, L.BatchNormalization) and _is_channel_last_bn(layer, len(layer.input_shape))) \
-                or (isinstance(layer, (L.Rescaling, L.Normalization)) and _affine_params(layer) is not None):
-            steps.append(_Step("affine", node))
+        elif _is_affine(layer):
+            step = _Step("affine", node, affine=_affine_params(layer))
+            nxt = single_consumer(node.outputs[0])
+            while nxt is not None and _is_affine(nxt.layer):
+                # Consecutive affine layers (EfficientNet's Rescaling then Normalization) are one
+                # 1x1 depthwise conv: one int8 op at input resolution instead of two.
+                scale, offset = _affine_params(nxt.layer)
+                step.affine = (step.affine[0] * scale, step.affine[1] * scale + offset)
+                step.absorbed.append(nxt)
+                absorbed.add(id(nxt))
+                nxt = single_consumer(nxt.outputs[0])
+            # Only preprocessing on a model input: elsewhere the 1x1 depthwise conv keeps its own range.
+            on_input = node.inputs and node.inputs[0] in graph.inputs
+            conv = _affine_target(step, nxt, single_consumer) if fold_affine and on_input else None
+            if conv is not None:
+                step.kind = "pre_affine"  # folded into the conv's kernel and bias (see _fold)
+                pre_affine[id(conv)] = step.affine
+                step.into = conv.name
+            steps.append(step)
+        elif _constant_add(node) is not None and scheme.activations is not None:
+            step = _Step("affine", node, affine=_constant_add(node))
+            nxt = single_consumer(node.outputs[0])
+            if nxt is not None and _activation_name(nxt.layer) in ("relu", "relu6"):
+                step.activation = _activation_name(nxt.layer)
+                step.absorbed.append(nxt)
+                absorbed.add(id(nxt))
+                after = single_consumer(nxt.outputs[0])
+                factor = _constant_multiply(after) if after is not None else None
+                if step.activation == "relu6" and factor is not None and factor > 0 and fixed_8bit:
+                    # relu6(x + c) * k == clip(k x + k c, 0, 6 k): a linear conv whose output
+                    # range [0, 6 k] is fixed; the int8 output saturates exactly there.
+                    step.affine = (step.affine[0] * factor, step.affine[1] * factor)
+                    step.activation = "linear"
+                    step.fixed_range = (0.0, 6.0 * factor)
+                    step.absorbed.append(after)
+                    absorbed.add(id(after))
+            steps.append(step)
+        elif fixed_8bit and _avgpool_as_depthwise(layer):
+            steps.append(_Step("avgpool", node))
         elif isinstance(layer, IDENTITY) or _activation_name(layer) == "linear":
             steps.append(_Step("identity", node))
         elif isinstance(layer, SAME_SCALE) or (isinstance(layer, L.UpSampling2D) and layer.interpolation == "nearest") \
@@ -226,6 +374,9 @@ def _plan(graph: g.Graph, scheme: QuantScheme) -> list[_Step]:
                 steps.append(step)
             else:
                 steps.append(_Step("float", node))
+    for step in steps:
+        if step.kind == "fused" and id(step.node) in pre_affine:
+            step.pre_affine = pre_affine[id(step.node)]
     return steps
 
 
@@ -241,6 +392,13 @@ def _fold(step: _Step) -> tuple[np.ndarray, np.ndarray]:
     """Kernel and bias of a fused step with its batch norm folded in."""
     layer = step.node.layer
     kernel, bias = _kernel_and_bias(layer)
+    if step.pre_affine is not None:
+        scale, offset = step.pre_affine
+        if isinstance(layer, L.DepthwiseConv2D):
+            bias = bias + (kernel.sum(axis=(0, 1)) * offset[:, None]).reshape(-1)
+        else:
+            bias = bias + np.einsum("hwio,i->o", kernel, offset)
+        kernel = kernel * scale[None, None, :, None]
     for extra in step.absorbed:
         if isinstance(extra.layer, L.BatchNormalization):
             scale, offset = _bn_params(extra.layer)
@@ -271,7 +429,7 @@ def rewrite(model, scheme: QuantScheme, strict: bool = False, qat: bool = False,
       UnquantizableLayersError: strict and some layers would stay float (all named).
     """
     flat = g.flatten(model)
-    steps = _plan(flat, scheme)
+    steps = _plan(flat, scheme, fold_affine=not qat)
     float_steps = [s for s in steps if s.kind == "float"]
     float_names = [s.node.name for s in float_steps]
     if float_names and strict:
@@ -287,7 +445,8 @@ def rewrite(model, scheme: QuantScheme, strict: bool = False, qat: bool = False,
     fmodel, probes, names_f, _ = _build(flat, steps, fused, scheme, quantize=False, model_name=model.name)
     assert names == names_f
     float_model = keras.Model(fmodel.inputs, [*fmodel.outputs, *probes], name=f"{model.name}_float_twin")
-    folded = ["+".join([s.node.name, *(a.name for a in s.absorbed)]) for s in steps if s.absorbed]
+    folded = ["+".join([s.node.name, *(a.name for a in s.absorbed)]) + (f" into {s.into}" if s.into else "")
+              for s in steps if s.absorbed or s.into]
     return Rewritten(qmodel, float_model, [n for n in names if n not in fixed], fixed, folded, float_names)
 
 
@@ -397,7 +556,7 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
         elif step.kind == "affine":
             # A batch norm after no conv: a 1x1 depthwise conv (per-channel int8
             # weights), which TFLite runs in int8; other ranks are reshaped to 4-D.
-            scale, offset = _affine_params(node.layer)
+            scale, offset = step.affine or _affine_params(node.layer)
             x = tensors[node.inputs[0]]
             rank = x.shape.rank
             channels = scale.shape[0]
@@ -405,23 +564,44 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
                 spatial = int(np.prod(x.shape[1:-1])) if rank > 2 else 1
                 x = L.Reshape((1, spatial, channels), name=unique(_safe(node.name) + "_to4d"))(x)
             kernel = scale.reshape(1, 1, channels, 1)
-            new = folded_conv("depthwise", kernel, offset, "linear", node.name,
+            new = folded_conv("depthwise", kernel, offset, step.activation, node.name,
                               {"strides": (1, 1), "padding": "valid", "dilation_rate": (1, 1)})
             out = new(x)
             load_folded(new, kernel, offset)
             if rank != 4:
                 out = L.Reshape(tuple(tensors[node.inputs[0]].shape[1:]), name=unique(_safe(node.name) + "_back"))(out)
-        elif step.kind == "identity":
+            if step.fixed_range is not None and not quantize:
+                # The quantizer's fixed range clips the fake-quant model; the float twin clips explicitly.
+                out = L.ReLU(max_value=step.fixed_range[1], name=unique(_safe(node.name) + "_clip"))(out)
+        elif step.kind == "avgpool":
+            # Average pooling = depthwise conv with weights 1/window (exact in int8 per channel);
+            # 'same' padding then divides by the valid count, a constant per position.
+            layer = node.layer
+            channels = int(layer.input_shape[-1])
+            kernel = np.full((*layer.pool_size, channels, 1), 1.0 / np.prod(layer.pool_size), np.float32)
+            zeros = np.zeros(channels, np.float32)
+            new = folded_conv("depthwise", kernel, zeros, "linear", node.name,
+                              {"strides": layer.strides, "padding": layer.padding, "dilation_rate": (1, 1)})
+            out = new(tensors[node.inputs[0]])
+            load_folded(new, kernel, zeros)
+            correction = _avgpool_correction(layer)
+            if not np.allclose(correction, 1.0):
+                out = quant_point(out, node.name + "_window")
+                out = tf.multiply(out, correction, name=unique(_safe(node.name) + "_count"))
+        elif step.kind in ("identity", "pre_affine"):
             out = tensors[node.inputs[0]]
+        elif step.kind == "same_scale" and _static_reshape(node) is not None:
+            out = tf.reshape(tensors[node.inputs[0]], _static_reshape(node), name=unique(_safe(node.name)))
         else:
             out = g.call(node, tensors)
             for extra in step.absorbed:
                 out = extra.layer(out)
         outs = out if isinstance(out, (list, tuple)) else [out]
-        last = step.absorbed[-1] if step.kind in ("fused", "quantized") and step.absorbed else node
+        last = step.absorbed[-1] if step.kind in ("fused", "quantized", "affine", "pre_affine") and step.absorbed \
+            else node
         out_ids = last.outputs
         for tid, t in zip(out_ids, outs):
-            needs_range = step.kind in ("fused", "affine", "quantized", "fixed", "swish")
+            needs_range = step.kind in ("fused", "affine", "quantized", "fixed", "swish", "avgpool")
             if step.kind == "float":
                 float_tensors.add(tid)
                 # TFLite quantizes a float op's output where an int8 op reads it.

@@ -1,0 +1,165 @@
+"""XNNPACK delegation report, the rewrites that keep int8 models inside XNNPACK, and the guard."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+
+from qtoolkit import convert, export, runtime, schemes
+from qtoolkit.pipeline import ptq
+from qtoolkit.rewrite import rewrite
+
+L = keras.layers
+
+
+def _float_bytes(model):
+    return export.float_tflite(model)
+
+
+def _with_cumsum(chain=1):
+    inp = keras.Input((8, 8, 3), batch_size=1)
+    x = L.Conv2D(4, 3)(inp)
+    for _ in range(chain):
+        x = tf.math.cumsum(x, axis=1)  # no XNNPACK kernel: runs in the built-in kernels
+    x = L.Conv2D(4, 3)(x)
+    return keras.Model(inp, x)
+
+
+def test_delegation_counts_partitions_around_a_non_delegated_op():
+    d = runtime.delegation(_float_bytes(_with_cumsum()))
+    assert d.partitions == 2 and [op for op, _ in d.outside] == ["CUMSUM"] and d.ops == 3
+    assert not d.fully_delegated
+    d = runtime.delegation(_float_bytes(_with_cumsum(chain=2)))
+    assert d.partitions == 2 and [op for op, _ in d.outside] == ["CUMSUM", "CUMSUM"]
+
+
+def test_delegation_of_a_fully_delegated_model():
+    inp = keras.Input((8, 8, 3))
+    model = keras.Model(inp, L.Conv2D(4, 3, activation="relu")(L.Conv2D(4, 3)(inp)))
+    d = runtime.delegation(_float_bytes(model))
+    assert d.partitions == 1 and d.outside == [] and d.fully_delegated
+
+
+def _hard_swish_model(tiny=True):
+    """MobileNetV3's hard swish and squeeze-excite (Keras' own formulation), after a conv with tiny outputs."""
+    inp = keras.Input((12, 12, 8))
+    conv = L.Conv2D(8, 1, name="conv")
+    x = conv(inp)
+    hs = L.Multiply()([x, L.ReLU(6.0)(x + 3.0) * (1.0 / 6.0)])
+    se = L.GlobalAveragePooling2D()(hs)
+    se = L.Reshape((1, 1, 8))(se)
+    se = L.Conv2D(8, 1)(se)
+    se = L.ReLU(6.0)(se + 3.0) * (1.0 / 6.0)
+    out = L.Multiply()([hs, se])
+    model = keras.Model(inp, out)
+    if tiny:  # activations around 1e-4: the ADD of 3 has an input/output scale ratio XNNPACK refuses
+        conv.set_weights([conv.get_weights()[0] * 1e-4, conv.get_weights()[1]])
+    return model
+
+
+def test_rewrites_preserve_the_float_function():
+    model = _hard_swish_model(tiny=False)
+    result = rewrite(model, schemes.load("int8"))
+    x = np.random.default_rng(0).uniform(-8, 8, (16, 12, 12, 8)).astype(np.float32)
+    np.testing.assert_allclose(result.float_model(x)[0].numpy(), model(x).numpy(), rtol=1e-5, atol=1e-5)
+    kinds = [type(layer).__name__ for layer in result.model.layers]
+    assert "Reshape" not in kinds and "TFOpLambda" in kinds  # Reshape became tf.reshape with a constant shape
+    assert not any(getattr(layer, "symbol", "") == "__operators__.add" for layer in result.model.layers)
+
+
+def test_hard_swish_and_reshape_int8_is_one_xnnpack_partition():
+    model = _hard_swish_model(tiny=True)
+    x = np.random.default_rng(1).uniform(-1, 1, (120, 12, 12, 8)).astype(np.float32)
+    result = ptq(model, x[:100], "int8", verification_data=x[100:], progress=False)
+    d = runtime.delegation(result.tflite)
+    assert d.partitions == 1 and d.outside == [], d.summary()
+    assert "SHAPE" not in result.inspection.ops and "HARD_SWISH" not in result.inspection.ops
+    assert result.comparisons["float vs TFLite"].sqnr_db > 25
+    # The converter's own PTQ of the same model: HARD_SWISH and the run-time shape stay outside.
+    theirs = export.converter_ptq_tflite(model, lambda: ([x[i:i + 1]] for i in range(50)))
+    assert runtime.delegation(theirs).partitions > 1
+
+
+def test_report_problems_and_latency():
+    slow = _float_bytes(_with_cumsum())
+    rt = runtime.report(slow, slow, benchmark=True, threads=(1,), runs=10)
+    assert rt.latency_ms["float"][1] > 0 and rt.speedup(1) > 0
+    problems = rt.problems()
+    assert problems and "CUMSUM" in problems[0]
+    assert "1 thread(s)" in rt.summary() and rt.to_dict()["quantized"]["partitions"] == 2
+
+
+def test_convert_warns_and_strict_fails_on_ops_outside_the_delegate(tmp_path):
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3)(inp)
+    model = keras.Model(inp, L.Activation("gelu")(x))  # int8 GELU: no XNNPACK kernel
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    np.save(tmp_path / "cal.npy", np.random.default_rng(0).uniform(-1, 1, (60, 8, 8, 3)).astype(np.float32))
+    out = tmp_path / "m.tflite"
+    with open(tmp_path / "log.txt", "w") as log:
+        convert.run(path, str(out), str(tmp_path / "cal.npy"), report=str(tmp_path / "r.json"), out=log)
+    text = (tmp_path / "log.txt").read_text()
+    assert "warning: the quantized model leaves" in text and "GELU" in text
+    assert out.exists() and '"runtime"' in (tmp_path / "r.json").read_text()
+    os.remove(out)
+    with pytest.raises(runtime.RuntimeGuardError, match="GELU"):
+        convert.run(path, str(out), str(tmp_path / "cal.npy"), strict=True, out=open(os.devnull, "w"))
+    assert not out.exists()
+
+
+def test_consecutive_affine_layers_become_one_depthwise_conv():
+    inp = keras.Input((6, 6, 3))
+    x = L.Rescaling(1 / 255.0)(inp)
+    norm = L.Normalization(mean=[0.4, 0.5, 0.6], variance=[0.05, 0.06, 0.07])
+    x = L.Conv2D(4, 3, padding="same")(norm(x))  # offset + same padding: not folded into the conv
+    model = keras.Model(inp, x)
+    result = rewrite(model, schemes.load("int8"))
+    x = np.random.default_rng(0).uniform(0, 255, (8, 6, 6, 3)).astype(np.float32)
+    np.testing.assert_allclose(result.float_model(x)[0].numpy(), model(x).numpy(), rtol=1e-4, atol=1e-4)
+    convs = [layer for layer in result.model.layers if getattr(layer, "kind", None) == "depthwise"]
+    assert len(convs) == 1 and any("+" in f and "normalization" in f for f in result.folded)
+
+
+@pytest.mark.parametrize("offset, padding", [(0.0, "zeropad"), (-1.0, "valid")])
+def test_affine_before_a_conv_is_folded_into_it(offset, padding):
+    inp = keras.Input((9, 9, 3))
+    x = L.Rescaling(1 / 127.5, offset=offset)(inp)
+    if padding == "zeropad":
+        x = L.ZeroPadding2D(1)(x)
+    x = L.Conv2D(4, 3, strides=2, padding="valid")(x)
+    x = L.DepthwiseConv2D(3)(x)
+    model = keras.Model(inp, x)
+    result = rewrite(model, schemes.load("int8"))
+    x = np.random.default_rng(0).uniform(0, 255, (8, 9, 9, 3)).astype(np.float32)
+    np.testing.assert_allclose(result.float_model(x)[0].numpy(), model(x).numpy(), rtol=1e-4, atol=1e-4)
+    assert not [layer for layer in result.model.layers if getattr(layer, "kind", None) == "depthwise"
+                and layer.name.startswith("rescaling")]
+    assert sum(" into " in f for f in result.folded) == 1
+
+
+def test_affine_before_a_same_padded_conv_with_offset_stays_a_depthwise_conv():
+    inp = keras.Input((9, 9, 3))
+    model = keras.Model(inp, L.Conv2D(4, 3, padding="same")(L.Rescaling(1 / 127.5, offset=-1.0)(inp)))
+    result = rewrite(model, schemes.load("int8"))
+    x = np.random.default_rng(0).uniform(0, 255, (4, 9, 9, 3)).astype(np.float32)
+    np.testing.assert_allclose(result.float_model(x)[0].numpy(), model(x).numpy(), rtol=1e-4, atol=1e-4)
+    assert not any(" into " in f for f in result.folded)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_average_pooling_runs_as_a_delegated_depthwise_conv(padding):
+    inp = keras.Input((9, 9, 4))
+    x = L.Conv2D(8, 1)(inp)
+    x = L.AveragePooling2D(3, strides=1 if padding == "same" else 2, padding=padding)(x)
+    model = keras.Model(inp, L.Conv2D(4, 1)(x))
+    data = np.random.default_rng(0).uniform(-1, 1, (120, 9, 9, 4)).astype(np.float32)
+    rewritten = rewrite(model, schemes.load("int8"))
+    np.testing.assert_allclose(rewritten.float_model(data[:8])[0].numpy(), model(data[:8]).numpy(),
+                               rtol=1e-5, atol=1e-5)
+    result = ptq(model, data[:100], "int8", verification_data=data[100:], progress=False)
+    assert "AVERAGE_POOL_2D" not in result.inspection.ops
+    assert runtime.delegation(result.tflite).fully_delegated
+    assert result.comparisons["float vs TFLite"].sqnr_db > 30
