@@ -49,6 +49,15 @@ _IMAGE_SIZE = flags.DEFINE_string("image_size", None, "HxW to resize images of a
 _IMAGE_SCALE = flags.DEFINE_string("image_scale", "0,1", "Real range pixel values 0..255 map to, e.g. -1,1.")
 _UNSAFE = flags.DEFINE_bool("allow_unsafe_deserialization", False,
                             "Allow models with serialized Python code (Lambda layers). Only for trusted files.")
+# Post-training algorithms (issue 7, docs/algorithms.md): override the scheme's `algorithms` section.
+_CLE = flags.DEFINE_bool("cle", None, "Cross-layer equalization (default: the scheme's algorithms.cle).")
+_CLE_RELU6 = flags.DEFINE_enum("cle_relu6", None, ["relu", "skip"],
+                               "ReLU6 of an equalized pair: replace it by ReLU, or skip such pairs.")
+_BIAS_CORRECTION = flags.DEFINE_enum("bias_correction", None, ["none", "empirical", "analytic"],
+                                     "Bias correction of the weight-quantization shift (empirical: calibration "
+                                     "data; analytic: batch-norm statistics).")
+_ADAROUND = flags.DEFINE_bool("adaround", None, "AdaRound: learned up/down rounding of the weights.")
+_ADAROUND_ITERATIONS = flags.DEFINE_integer("adaround_iterations", None, "AdaRound optimisation steps per layer.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show Python tracebacks and TensorFlow logs on errors.")
 
 
@@ -67,8 +76,11 @@ def _pair(text, name, cast):
 def run(model: str, output: str, calibration_data: str, scheme: str = "int8", report: str | None = None,
         num_calibration_samples=None, num_verification_samples=None, verification_data=None, labels=None,
         range_method=None, io_dtype="int8", batch_size=32, strict=False, image_size=None, image_scale="0,1",
-        allow_unsafe=False, out=None):
+        allow_unsafe=False, out=None, algorithms=None):
     """Runs the conversion (what the command line does); returns the PTQResult.
+
+    `algorithms` overrides keys of the scheme's algorithms section, e.g.
+    {"cle": True, "bias_correction": "empirical"}.
 
     Raises the toolkit's errors (see pipeline.ptq); `main` turns them into one line.
     """
@@ -86,6 +98,10 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
         except (OSError, ValueError) as e:
             raise UsageError(f"--labels {labels}: cannot read ({str(e).splitlines()[0]})") from None
     size = _pair(image_size, "image_size", int) if image_size else None
+    if algorithms:
+        from qtoolkit import schemes
+
+        scheme = schemes.load(scheme).replace(algorithms=algorithms)
     result = pipeline.ptq(
         model, calibration_data, scheme, output, num_calibration_samples=num_calibration_samples,
         num_verification_samples=num_verification_samples, verification_data=verification_data, labels=y,
@@ -168,7 +184,14 @@ def _terminate(signum, frame):
 def _run_from_flags():
     run(_MODEL.value, _OUTPUT.value, _CALIBRATION.value, _SCHEME.value, _REPORT.value, _NUM_CAL.value,
             _NUM_VER.value, _VER_DATA.value, _LABELS.value, _RANGE.value, _IO.value, _BATCH.value, _STRICT.value,
-            _IMAGE_SIZE.value, _IMAGE_SCALE.value, _UNSAFE.value)
+            _IMAGE_SIZE.value, _IMAGE_SCALE.value, _UNSAFE.value, algorithms=_algorithm_flags())
+
+
+def _algorithm_flags() -> dict:
+    """The algorithm flags given on the command line, as scheme `algorithms` keys."""
+    given = {"cle": _CLE.value, "cle_relu6": _CLE_RELU6.value, "bias_correction": _BIAS_CORRECTION.value,
+             "adaround": _ADAROUND.value, "adaround_iterations": _ADAROUND_ITERATIONS.value}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def entry_point():
