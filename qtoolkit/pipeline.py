@@ -194,6 +194,9 @@ def ptq(model: Any, calibration_data: Any, scheme: Any = "int8", output: Optiona
                          f"{scheme.activations.bits}-bit model, so the simulation gap does not apply")
     if "convert" not in seconds:
         seconds["convert"] = time.perf_counter() - t1
+    if rewritten is None and algorithms.needs_rewrite(scheme.algorithms):
+        notes.append("the scheme's algorithms (cle, bias_correction, adaround) were not applied: they need "
+                     "qtoolkit's rewrite of a Keras model")
     inspection = export.inspect(data)
 
     t3 = time.perf_counter()

@@ -103,32 +103,40 @@ def test_cle_relu6_pairs_replaced_by_relu_or_skipped():
 
 # ---- bias correction --------------------------------------------------------------------------------
 
-def _pre_activation_shift(rw, x):
-    """Per layer: mean over the data of (quantized pre-activation - float pre-activation), on float inputs."""
+def _pre_activation_shift(rw, x, quantized_inputs):
+    """Per layer: mean over the data of the quantized layer's pre-activation (on the quantized or the
+    float model's inputs) minus the float layer's (on float inputs), in numpy-checkable form."""
     out = {}
     for layer in rw.model.layers:
         if not isinstance(layer, FoldedConv):
             continue
         twin = rw.float_model.get_layer(layer.name)
-        xin = tf.constant(keras.Model(rw.float_model.inputs, twin.input).predict(x, verbose=0))
+        x_f = tf.constant(keras.Model(rw.float_model.inputs, twin.input).predict(x, verbose=0))
+        x_q = tf.constant(keras.Model(rw.model.inputs, layer.input).predict(x, verbose=0)) if quantized_inputs \
+            else x_f
         args = (layer.strides, layer.padding, layer.dilation_rate)
-        q = tf.nn.bias_add(conv_op(layer.kind, xin, layer.quantized_kernel(), *args), layer.bias)
-        f = tf.nn.bias_add(conv_op(layer.kind, xin, twin.kernel, *args), twin.bias)
-        out[layer.name] = tf.reduce_mean(tf.reshape(q - f, (-1, layer.units)), axis=0).numpy()
+        q = tf.nn.bias_add(conv_op(layer.kind, x_q, layer.quantized_kernel(), *args), layer.bias)
+        f = tf.nn.bias_add(conv_op(layer.kind, x_f, twin.kernel, *args), twin.bias)
+        out[layer.name] = (tf.reduce_mean(tf.reshape(q, (-1, layer.units)), 0)
+                           - tf.reduce_mean(tf.reshape(f, (-1, layer.units)), 0)).numpy()
     return out
 
 
-def test_empirical_bias_correction_zeroes_mean_shift_on_calibration_set():
+@pytest.mark.parametrize("quantized_inputs", [True, False])
+def test_empirical_bias_correction_zeroes_mean_shift_on_calibration_set(quantized_inputs):
     model = relu_chain()
     x = random_inputs(model, 64)
     rw = rewrite.rewrite(model, schemes.load("w4a8"))  # 4-bit weights: a clear shift
-    before = _pre_activation_shift(rw, x)
+    before = _pre_activation_shift(rw, x, quantized_inputs)
     assert max(np.abs(v).max() for v in before.values()) > 1e-3
-    shifts = bias_correction.correct_empirical(rw, [x], batch_size=16)
-    after = _pre_activation_shift(rw, x)
+    shifts = bias_correction.correct_empirical(rw, [x], batch_size=16, quantized_inputs=quantized_inputs)
+    after = _pre_activation_shift(rw, x, quantized_inputs)
+    assert set(shifts) == set(before)
     for name in before:
-        np.testing.assert_allclose(shifts[name], before[name], atol=1e-5)
         np.testing.assert_allclose(after[name], 0.0, atol=1e-5)
+    if not quantized_inputs:  # the paper's weight-only shift E[(W~ - W) x], independent of other layers
+        for name in before:
+            np.testing.assert_allclose(shifts[name], before[name], atol=1e-5)
 
 
 def test_relu_mean_matches_monte_carlo():
@@ -231,7 +239,7 @@ def test_adaround_weights_survive_export_and_ops_unchanged(base):
 
 def test_schemes_validate_algorithm_keys():
     s = schemes.load("w4a8_adaround")
-    assert s.algorithms.adaround and s.algorithms.cle and s.algorithms.bias_correction == "empirical"
+    assert s.algorithms.adaround and s.algorithms.cle and s.algorithms.cle_relu6 == "skip"
     m = schemes.load("int8_max_accuracy")
     assert m.weights.bits == 8 and m.algorithms.cle and m.algorithms.adaround
     assert schemes.QuantScheme.from_dict(s.to_dict()) == s
@@ -245,3 +253,24 @@ def test_schemes_validate_algorithm_keys():
             schemes.QuantScheme.from_dict({**base, "algorithms": {key: value}}, source="x.yaml")
     with pytest.raises(schemes.SchemeError, match="weight-only or int16x8"):
         schemes.load("weight_only_int8").replace(algorithms={"cle": True})
+
+
+def test_cli_flags_override_scheme_algorithms(tmp_path, capsys):
+    from absl.testing import flagsaver
+
+    from qtoolkit import convert
+
+    model = models.conv_bn_relu((8, 8, 1))
+    model.save(tmp_path / "m.keras")
+    np.save(tmp_path / "c.npy", np.random.default_rng(0).uniform(0, 1, (60, 8, 8, 1)).astype(np.float32))
+    common = {"model": str(tmp_path / "m.keras"), "output": str(tmp_path / "m.tflite"),
+              "calibration_data": str(tmp_path / "c.npy")}
+    with flagsaver.flagsaver(**common, scheme="int8_per_tensor", cle=True, bias_correction="analytic"):
+        assert convert.main(["convert"]) == 0
+    printed = capsys.readouterr().out
+    assert "algorithms: cle {'pairs': 3" in printed and "'kind': 'analytic'" in printed
+    with flagsaver.flagsaver(**{**common, "output": str(tmp_path / "w.tflite")}, scheme="weight_only_int8",
+                             adaround=True):
+        assert convert.main(["convert"]) == 1
+    assert "do not apply to weight-only or int16x8 schemes" in capsys.readouterr().err
+    assert not (tmp_path / "w.tflite").exists()

@@ -19,6 +19,11 @@ from qtoolkit.algorithms import bias_correction as _bc
 from qtoolkit.algorithms import cle as _cle
 
 
+def needs_rewrite(options) -> bool:
+    """True when any algorithm is enabled (they all work on qtoolkit's rewritten model)."""
+    return options.cle or options.adaround or options.bias_correction != "none"
+
+
 def needs_data(options) -> bool:
     """True when the options need calibration inputs held in memory."""
     return options.adaround or options.bias_correction == "empirical"

@@ -5,8 +5,10 @@
 
 Quantizing W to W~ shifts a layer's pre-activation output by E[(W~ - W) x],
 a per-channel constant that accumulates through depthwise networks.  The
-empirical correction measures E[x] on calibration data, propagated through
-the float twin (the paper's reference); the analytic one computes it from the
+empirical correction measures, layer by layer on calibration data, the mean
+pre-activation of the quantized layer (on the quantized model's inputs, so
+earlier layers' and activation quantization's shifts are corrected too) minus
+the float one; the analytic (data-free) one computes E[x] from the
 batch-norm statistics of the preceding layer: its pre-activation is N(beta,
 gamma^2) per channel, and E[ReLU(z)], E[ReLU6(z)] of a normal z have closed
 forms.  The shift is subtracted from the quantized model's bias.
@@ -33,40 +35,50 @@ def weight_error(layer: FoldedConv) -> np.ndarray:
     return (layer.quantized_kernel() - layer.kernel).numpy()
 
 
-def mean_shift(layer: FoldedConv, x) -> np.ndarray:
-    """E[(W~ - W) x] per output channel over batch and positions (with the layer's padding)."""
-    y = conv_op(layer.kind, tf.convert_to_tensor(x), tf.constant(weight_error(layer)), layer.strides,
-                layer.padding, layer.dilation_rate)
-    return tf.reduce_mean(tf.reshape(y, (-1, layer.units)), axis=0).numpy()
+def pre_activation_mean(layer: FoldedConv, x, kernel=None, bias=None) -> np.ndarray:
+    """Mean over batch and positions of a FoldedConv's pre-activation output (quantized kernel by default)."""
+    kernel = layer.quantized_kernel() if kernel is None else kernel
+    bias = layer.bias if bias is None else bias
+    y = tf.nn.bias_add(conv_op(layer.kind, tf.convert_to_tensor(x), kernel, layer.strides, layer.padding,
+                               layer.dilation_rate), bias)
+    return tf.reduce_mean(tf.reshape(y, (-1, layer.units)), axis=0).numpy().astype(np.float64)
 
 
-def correct_empirical(rewritten, inputs, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Subtracts the measured mean shift from every quantized FoldedConv's bias.
+def correct_empirical(rewritten, inputs, batch_size: int = 64, quantized_inputs: bool = True) -> dict[str, np.ndarray]:
+    """Makes every quantized FoldedConv's mean pre-activation on the calibration data equal the float one.
+
+    Layer by layer in graph order: with `quantized_inputs` (default) the
+    layer's input comes from the quantized model, with the layers before it
+    already corrected, so the correction also removes the mean shift that
+    activation quantization and earlier layers leave (AIMET's empirical bias
+    correction); otherwise from the float model, which corrects only the
+    layer's own weight error E[(W~ - W) x] (the paper's definition).
 
     Args:
-      rewritten: rewrite.Rewritten (weights already final: after CLE / AdaRound).
+      rewritten: rewrite.Rewritten (weights final: after CLE / AdaRound; activation ranges calibrated
+        when `quantized_inputs`).
       inputs: calibration inputs, one array per model input.
 
     Returns:
-      layer name -> the shift removed.
+      layer name -> the shift removed from its bias.
     """
     twin, qmodel = rewritten.float_model, rewritten.model
-    convs = [layer for layer in _convs(qmodel) if layer.weight_quantizer is not None]
-    probe = keras.Model(twin.inputs, [twin.get_layer(layer.name).input for layer in convs])
-    sums = [np.zeros(layer.units) for layer in convs]
-    count = 0
-    n = inputs[0].shape[0]
-    for start in range(0, n, batch_size):
-        batch = [a[start:start + batch_size] for a in inputs]
-        xs = probe(batch if len(batch) > 1 else batch[0], training=False)
-        xs = xs if isinstance(xs, (list, tuple)) else [xs]
-        m = batch[0].shape[0]
-        for i, (layer, x) in enumerate(zip(convs, xs)):
-            sums[i] += mean_shift(layer, x) * m
-        count += m
     shifts = {}
-    for layer, total in zip(convs, sums):
-        shift = (total / count).astype(np.float32)
+    n = inputs[0].shape[0]
+    for layer in _convs(qmodel):
+        if layer.weight_quantizer is None:
+            continue
+        float_layer = twin.get_layer(layer.name)
+        float_in = keras.Model(twin.inputs, float_layer.input)
+        quant_in = keras.Model(qmodel.inputs, layer.input) if quantized_inputs else float_in
+        total = np.zeros(layer.units)
+        for start in range(0, n, batch_size):
+            batch = [a[start:start + batch_size] for a in inputs]
+            feed = batch if len(batch) > 1 else batch[0]
+            total += (pre_activation_mean(layer, quant_in(feed, training=False))
+                      - pre_activation_mean(layer, float_in(feed, training=False), float_layer.kernel,
+                                            float_layer.bias)) * batch[0].shape[0]
+        shift = (total / n).astype(np.float32)
         layer.bias.assign(layer.bias.numpy() - shift)
         shifts[layer.name] = shift
     return shifts
