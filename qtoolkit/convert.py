@@ -58,6 +58,15 @@ _BUDGET_DROP = flags.DEFINE_float(
 _BUDGET_SQNR = flags.DEFINE_float(
     "budget_min_sqnr", None,
     "Automatic mixed precision: keep the most sensitive layers float until the output SQNR (dB) is at least this.")
+# Post-training algorithms (issue 7, docs/algorithms.md): override the scheme's `algorithms` section.
+_CLE = flags.DEFINE_bool("cle", None, "Cross-layer equalization (default: the scheme's algorithms.cle).")
+_CLE_RELU6 = flags.DEFINE_enum("cle_relu6", None, ["relu", "skip"],
+                               "ReLU6 of an equalized pair: replace it by ReLU, or skip such pairs.")
+_BIAS_CORRECTION = flags.DEFINE_enum("bias_correction", None, ["none", "empirical", "analytic"],
+                                     "Bias correction of the weight-quantization shift (empirical: calibration "
+                                     "data; analytic: batch-norm statistics).")
+_ADAROUND = flags.DEFINE_bool("adaround", None, "AdaRound: learned up/down rounding of the weights.")
+_ADAROUND_ITERATIONS = flags.DEFINE_integer("adaround_iterations", None, "AdaRound optimisation steps per layer.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show Python tracebacks and TensorFlow logs on errors.")
 # Runtime (issue 9): XNNPACK delegation report, latency, guard.
 _BENCHMARK = flags.DEFINE_bool("benchmark", False,
@@ -82,8 +91,11 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
         num_calibration_samples=None, num_verification_samples=None, verification_data=None, labels=None,
         range_method=None, io_dtype="int8", batch_size=32, strict=False, image_size=None, image_scale="0,1",
         allow_unsafe=False, out=None, budget_max_accuracy_drop=None, budget_min_sqnr=None, benchmark=False,
-        benchmark_runs=100):
+        benchmark_runs=100, algorithms=None):
     """Runs the conversion (what the command line does); returns the PTQResult.
+
+    `algorithms` overrides keys of the scheme's algorithms section, e.g.
+    {"cle": True, "bias_correction": "empirical"}.
 
     Raises the toolkit's errors (see pipeline.ptq); `main` turns them into one line.
     """
@@ -118,6 +130,10 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
     elif not isinstance(model, LoadedModel):
         model = LoadedModel("<in memory>", model, "keras")
     # Written only after the runtime guard (below) passed.
+    if algorithms:
+        from qtoolkit import schemes
+
+        scheme = schemes.load(scheme).replace(algorithms=algorithms)
     result = pipeline.ptq(
         model, calibration_data, scheme, None, num_calibration_samples=num_calibration_samples,
         num_verification_samples=num_verification_samples, verification_data=verification_data, labels=y,
@@ -262,7 +278,14 @@ def _run_from_flags():
             _NUM_VER.value, _VER_DATA.value, _LABELS.value, _RANGE.value, _IO.value, _BATCH.value, _STRICT.value,
             _IMAGE_SIZE.value, _IMAGE_SCALE.value, _UNSAFE.value,
             budget_max_accuracy_drop=_BUDGET_DROP.value, budget_min_sqnr=_BUDGET_SQNR.value,
-            benchmark=_BENCHMARK.value, benchmark_runs=_BENCHMARK_RUNS.value)
+            benchmark=_BENCHMARK.value, benchmark_runs=_BENCHMARK_RUNS.value, algorithms=_algorithm_flags())
+
+
+def _algorithm_flags() -> dict:
+    """The algorithm flags given on the command line, as scheme `algorithms` keys."""
+    given = {"cle": _CLE.value, "cle_relu6": _CLE_RELU6.value, "bias_correction": _BIAS_CORRECTION.value,
+             "adaround": _ADAROUND.value, "adaround_iterations": _ADAROUND_ITERATIONS.value}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def entry_point():

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from qtoolkit import algorithms
 from qtoolkit import calibrate as cal
 from qtoolkit import export, rewrite, verify
 from qtoolkit.loading import LoadedModel, load_model
@@ -167,7 +168,17 @@ def ptq(model: Any, calibration_data: Any, scheme: Any = "int8", output: Optiona
         seconds["rewrite"] = time.perf_counter() - t1
         log(f"calibrating {len(rewritten.quant_points)} activation ranges ({scheme.activations.method}) "
             f"on {n_cal} samples")
-        calibration = cal.calibrate(rewritten, source, n_cal, scheme, batch_size, progress)
+        algo = scheme.algorithms
+        algo_report = algorithms.before_calibration(rewritten, algo)
+        cal_source, cal_inputs = source, None
+        if algorithms.needs_data(algo):
+            cal_inputs = source.collect(n_cal)  # held for AdaRound / bias correction
+            cal_source = cal.open_source(cal_inputs, specs)
+        calibration = cal.calibrate(rewritten, cal_source, n_cal, scheme, batch_size, progress)
+        algo_report = algorithms.after_calibration(rewritten, algo, cal_inputs, keras_model, algo_report, log)
+        if algo_report:
+            notes.append("algorithms: " + "; ".join(f"{k} {v}" for k, v in algo_report.items()))
+            seconds["algorithms"] = _algorithm_seconds(algo_report)
         log("converting with the TFLite converter")
         seconds["calibrate"] = calibration.seconds
         t2 = time.perf_counter()
@@ -183,6 +194,9 @@ def ptq(model: Any, calibration_data: Any, scheme: Any = "int8", output: Optiona
                          f"{scheme.activations.bits}-bit model, so the simulation gap does not apply")
     if "convert" not in seconds:
         seconds["convert"] = time.perf_counter() - t1
+    if rewritten is None and algorithms.needs_rewrite(scheme.algorithms):
+        notes.append("the scheme's algorithms (cle, bias_correction, adaround) were not applied: they need "
+                     "qtoolkit's rewrite of a Keras model")
     inspection = export.inspect(data)
 
     t3 = time.perf_counter()
@@ -236,6 +250,15 @@ def _split(source, n_cal, n_ver, separate_verification: bool) -> tuple[int, int]
                             "verification samples asked for; give more data or lower "
                             "--num_calibration_samples / --num_verification_samples")
     return n_cal, n_ver
+
+
+def _algorithm_seconds(report: dict) -> float:
+    """Wall time of the post-training algorithms in a report of qtoolkit.algorithms."""
+    total = 0.0
+    for entry in report.values():
+        seconds = entry.get("seconds", 0.0)
+        total += seconds["total"] if isinstance(seconds, dict) else seconds
+    return total
 
 
 def _representative(source, n):

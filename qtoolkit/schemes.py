@@ -76,6 +76,31 @@ class ActivationQuant:
     num_bins: int = 2048
 
 
+BIAS_CORRECTIONS = ("none", "empirical", "analytic")
+CLE_RELU6 = ("relu", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithms:
+    """Post-training algorithms (qtoolkit.algorithms), all off by default; see docs/algorithms.md.
+
+    Attributes:
+      cle: cross-layer equalization of consecutive conv layers.
+      cle_relu6: "relu" (an equalized pair's ReLU6 becomes ReLU) or "skip" (pairs through ReLU6 are left alone).
+      bias_correction: "none", "empirical" (calibration data) or "analytic" (batch-norm statistics).
+      adaround: learned rounding of the weights, layer by layer on calibration data.
+      adaround_iterations: optimisation steps per layer.
+      adaround_reg: weight (lambda) of the rounding regulariser.
+    """
+
+    cle: bool = False
+    cle_relu6: str = "relu"
+    bias_correction: str = "none"
+    adaround: bool = False
+    adaround_iterations: int = 1000
+    adaround_reg: float = 0.01
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantScheme:
     """A whole scheme. `activations` is None for weight-only quantization.
@@ -91,6 +116,7 @@ class QuantScheme:
     description: str = ""
     weights: WeightQuant = WeightQuant()
     activations: Optional[ActivationQuant] = ActivationQuant()
+    algorithms: Algorithms = Algorithms()
 
     @property
     def weight_only(self) -> bool:
@@ -122,6 +148,7 @@ class QuantScheme:
             description=_typed(top.get("description", ""), str, source, "description"),
             weights=WeightQuant(**_fields(WeightQuant, weights, source, "weights.")),
             activations=None if acts is None else ActivationQuant(**_fields(ActivationQuant, acts, source, "activations.")),
+            algorithms=Algorithms(**_fields(Algorithms, top.get("algorithms", {}), source, "algorithms.")),
         )
         validate(scheme, source)
         return scheme
@@ -137,7 +164,7 @@ class QuantScheme:
         """
         data = self.to_dict()
         for section, values in sections.items():
-            if section not in ("weights", "activations"):
+            if section not in ("weights", "activations", "algorithms"):
                 data[section] = values
             elif data.get(section) is None:
                 raise SchemeError(f"scheme {self.name!r} has no {section} to override")
@@ -184,6 +211,7 @@ def _check_section(section: Any, source: str, prefix: str) -> None:
 def validate(scheme: QuantScheme, source: str = "<scheme>") -> None:
     """Raises SchemeError if a field has the wrong type or an unsupported value."""
     _check_section(scheme.weights, source, "weights.")
+    _check_algorithms(scheme, source)
     acts = scheme.activations
     if acts is None:
         return
@@ -203,6 +231,29 @@ def validate(scheme: QuantScheme, source: str = "<scheme>") -> None:
     if acts.bits == 16 and not acts.symmetric:
         raise SchemeError(f"{source}: activations.bits 16 needs activations.symmetric: true "
                           f"(TFLite's int16x8 mode has zero-point 0)")
+
+
+def _check_algorithms(scheme: QuantScheme, source: str) -> None:
+    algo = scheme.algorithms
+    for field in dataclasses.fields(algo):
+        kind = {"int": int, "bool": bool, "str": str, "float": float}[field.type]
+        _typed(getattr(algo, field.name), kind, source, "algorithms." + field.name)
+    if algo.cle_relu6 not in CLE_RELU6:
+        raise SchemeError(f"{source}: algorithms.cle_relu6 must be one of {', '.join(CLE_RELU6)}, got {algo.cle_relu6!r}")
+    if algo.bias_correction not in BIAS_CORRECTIONS:
+        raise SchemeError(f"{source}: algorithms.bias_correction must be one of {', '.join(BIAS_CORRECTIONS)}, "
+                          f"got {algo.bias_correction!r}")
+    if not 1 <= algo.adaround_iterations <= 100000:
+        raise SchemeError(f"{source}: algorithms.adaround_iterations must be from 1 to 100000, "
+                          f"got {algo.adaround_iterations}")
+    if not algo.adaround_reg >= 0.0:
+        raise SchemeError(f"{source}: algorithms.adaround_reg must be >= 0, got {algo.adaround_reg}")
+    uses = algo.cle or algo.adaround or algo.bias_correction != "none"
+    if uses and (scheme.activations is None or scheme.activations.bits == 16):
+        raise SchemeError(f"{source}: algorithms (cle, bias_correction, adaround) need qtoolkit's fake-quant path; "
+                          "they do not apply to weight-only or int16x8 schemes")
+    if algo.adaround and not scheme.weights.symmetric:
+        raise SchemeError(f"{source}: algorithms.adaround needs weights.symmetric: true")
 
 
 def preset_names() -> list[str]:
