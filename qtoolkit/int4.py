@@ -162,6 +162,9 @@ def pack_int4_weights(data: bytes) -> tuple[bytes, Int4Report]:
             if t.type != schema.TensorType.INT8 or buf.data is None or len(buf.data) == 0:
                 kept.append((name, "not a constant int8 tensor"))
                 continue
+            if any(tt is not t and tt.buffer == t.buffer for s in model.subgraphs for tt in s.tensors):
+                kept.append((name, "buffer shared with another tensor"))
+                continue
             values = np.asarray(buf.data, np.uint8).view(np.int8)
             if values.min() < -8 or values.max() > 7:
                 grid = _recover_grid(values, t, op, sub, model)
@@ -170,11 +173,6 @@ def pack_int4_weights(data: bytes) -> tuple[bytes, Int4Report]:
                     continue
                 values = grid
                 regridded.append(name)
-            shared = [o for s in model.subgraphs for tt in s.tensors if tt is not t and tt.buffer == t.buffer
-                      for o in [tt]]
-            if shared:
-                kept.append((name, "buffer shared with another tensor"))
-                continue
             buf.data = np.frombuffer(pack_nibbles(values), np.uint8)
             t.type = schema.TensorType.INT4
             packed.append(name)
