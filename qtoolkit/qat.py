@@ -125,13 +125,16 @@ def to_inference_model(qat_model) -> keras.Model:
     return model
 
 
-def export_tflite(qat_model, path: Optional[str] = None, io_dtype: str = "int8"):
+def export_tflite(qat_model, path: Optional[str] = None, io_dtype: str = "int8", int4: bool = False):
     """Exports a QAT model to int8 TFLite (no calibration data needed).
 
     Args:
       qat_model: a model from `quantize_model` (trained or not).
       path: where to write the flatbuffer atomically, or None.
       io_dtype: "int8", "uint8" or "float32" inputs/outputs.
+      int4: store the 4-bit weights of a 4-bit-weight scheme (w4a8) as packed
+        INT4 tensors (`qtoolkit.int4.pack_int4_weights`; LiteRT runs them);
+        raises int4.Int4Error when no weight is on a 4-bit grid.
 
     Returns:
       (flatbuffer bytes, export.Inspection).
@@ -140,6 +143,10 @@ def export_tflite(qat_model, path: Optional[str] = None, io_dtype: str = "int8")
         export.check_writable(path)
     inference = to_inference_model(qat_model)
     data = export.fake_quant_to_tflite(inference, io_dtype)
+    if int4:
+        from qtoolkit.int4 import pack_int4_weights
+
+        data, _ = pack_int4_weights(data)
     if path:
         export.write_atomic(path, data)
     return data, export.inspect(data)

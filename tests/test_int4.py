@@ -83,3 +83,17 @@ def test_int8_weights_are_refused(exports):
 def test_not_a_flatbuffer():
     with pytest.raises(int4.Int4Error, match="not a TFLite flatbuffer"):
         int4.pack_int4_weights(b"not a model at all")
+
+
+
+def test_qat_export_offers_int4(tmp_path):
+    """`qtoolkit.export_tflite(..., int4=True)` writes the packed file: smaller, nothing left to pack."""
+    model = keras.Sequential([L.Input((12, 12, 1)), L.Conv2D(8, 3, activation="relu"), L.Flatten(), L.Dense(10)])
+    calib = np.random.default_rng(0).uniform(-1, 1, (32, 12, 12, 1)).astype(np.float32)
+    qm = qat.quantize_model(model, "w4a8", calibration_data=calib)
+    plain, _ = qat.export_tflite(qm)
+    packed, _ = qat.export_tflite(qm, str(tmp_path / "m.tflite"), int4=True)
+    assert len(packed) < len(plain)
+    assert (tmp_path / "m.tflite").read_bytes() == packed
+    report = int4.pack_int4_weights(packed)[1]
+    assert not report.packed and not report.regridded and not report.kept_int8
