@@ -262,9 +262,17 @@ def _algorithm_seconds(report: dict) -> float:
 
 
 def _representative(source, n):
-    """The converter's representative_dataset: one sample per call, from the stream."""
+    """The converter's representative_dataset: one sample per call.
+
+    The converter may iterate it more than once (it does for int16x8); the
+    source is a stream, so the n samples are read once and replayed.
+    """
+    batches = []
+
     def gen():
-        for batch in source.take(n, 32):
+        if not batches:
+            batches.extend(source.take(n, 32))
+        for batch in batches:
             for i in range(batch[0].shape[0]):
                 yield [a[i:i + 1] for a in batch]
     return gen
