@@ -535,18 +535,20 @@ def run(config_path: str, output: str = "regression_report", update_baseline: bo
 
 # ----------------------------------------------------------------------------- CLI
 
-_CONFIG = flags.DEFINE_string("config", None, "Regression config (YAML), e.g. configs/regression/quick.yaml.")
-_OUTPUT = flags.DEFINE_string("output", "regression_report",
-                              "Folder for report.json, report.md and report.xml (JUnit).")
-_UPDATE = flags.DEFINE_bool("update_baseline", False,
-                            "Store this run's int8 accuracies as the baseline (after an accepted change).")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+def _define_flags():
+    """Defined only when run as a program: importing qtoolkit.regress beside qtoolkit.convert must not clash."""
+    flags.DEFINE_string("config", None, "Regression config (YAML), e.g. configs/regression/quick.yaml.")
+    flags.DEFINE_string("output", "regression_report", "Folder for report.json, report.md and report.xml (JUnit).")
+    flags.DEFINE_bool("update_baseline", False,
+                      "Store this run's int8 accuracies as the baseline (after an accepted change).")
+    flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not _CONFIG.value:
+    f = flags.FLAGS
+    if not f.config:
         raise app.UsageError("missing required flag --config (e.g. --config configs/regression/quick.yaml)")
     import logging
 
@@ -556,7 +558,7 @@ def main(argv):
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
         with _env.quiet_native_stderr():
-            return run(_CONFIG.value, _OUTPUT.value, _UPDATE.value, _PROGRESS.value)
+            return run(f.config, f.output, f.update_baseline, f.progress)
     except Exception as e:  # noqa: BLE001 - known errors become one line; others keep their traceback
         from qtoolkit import export
 
@@ -570,6 +572,7 @@ def main(argv):
 
 
 def entry_point():
+    _define_flags()
     app.run(main)
 
 
