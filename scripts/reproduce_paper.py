@@ -222,9 +222,10 @@ def main(argv=None):
                                APP_PAPER_ROW.get(app), runs=20))
 
     minutes = (time.perf_counter() - t_start) / 60
+    command = " ".join(["python scripts/reproduce_paper.py"] + list(sys.argv[1:] if argv is None else argv))
     body = f"""## The paper's tables, reproduced on the reference models
 
-Produced by `python scripts/reproduce_paper.py` ({minutes:.0f} minutes on this 2-core machine); every number below
+Produced by `{command}` ({minutes:.0f} minutes on this 2-core machine); every number below
 is measured by that run. Models: qtoolkit's reference models (`qtoolkit.zoo`, committed weights) trained on
 Fashion-MNIST; accuracy is top-1 in % on all 10,000 test images (±0.3 points is one binomial standard error at
 90%). Calibration: {args.calibration_samples} training images; QAT: {args.qat_epochs} epoch(s) on
