@@ -133,6 +133,7 @@ class _Setup:
     calibration: Any
     samples: list
     units: list          # (name, quantizer layer name, FoldedConv name or None)
+    calibration_samples: list = None  # one array per input: the converter calibrates int16x8 on these
 
 
 def _prepare(model, calibration_data, scheme, num_calibration_samples, num_samples, allow_unsafe,
@@ -156,7 +157,9 @@ def _prepare(model, calibration_data, scheme, num_calibration_samples, num_sampl
         raise cal.DataError(f"{source.description}: {n} samples, fewer than {n_cal} calibration + {n_ver} "
                             "measured samples; give more data or lower --num_calibration_samples/--num_samples")
     rewritten = rewrite.rewrite(keras_model, scheme)
-    calibration = cal.calibrate(rewritten, source, n_cal, scheme, progress=progress)
+    cal_samples = source.collect(n_cal)  # kept: the int16x8 export calibrates on the same samples
+    calibration = cal.calibrate(rewritten, cal.open_source(list(cal_samples), specs), n_cal, scheme,
+                                progress=progress)
     samples = source.collect(n_ver)
     units = []
     names = {layer.name for layer in rewritten.model.layers}
@@ -165,7 +168,7 @@ def _prepare(model, calibration_data, scheme, num_calibration_samples, num_sampl
         conv = next((c for c in (base, base[:-len("_preact")] if base.endswith("_preact") else None)
                      if c and c in names and isinstance(rewritten.model.get_layer(c), rewrite.FoldedConv)), None)
         units.append((base, q, conv))
-    return _Setup(keras_model, scheme, rewritten, calibration, samples, units)
+    return _Setup(keras_model, scheme, rewritten, calibration, samples, units, cal_samples)
 
 
 def _quantizers(model):
@@ -230,8 +233,14 @@ def _upstream(model, quant_names) -> dict:
     return result
 
 
-def _tflite_tensors(data: bytes, samples, quant_names) -> tuple[dict, dict, np.ndarray]:
-    """Runs the flatbuffer keeping all tensors; returns name -> dequantized values of each quantizer."""
+def _tflite_tensors(data: bytes, samples, quant_names, ends: Optional[dict] = None) -> tuple[dict, dict, np.ndarray]:
+    """Runs the flatbuffer keeping all tensors; returns name -> dequantized values of each quantizer.
+
+    `ends` maps quantizers no op is named after (the model input's, the model
+    output's: the converter names those tensors after the signature) to
+    "input" or "output": they are matched to the quantized tensor after the
+    input's QUANTIZE op, or before the output's DEQUANTIZE op.
+    """
     from ai_edge_litert.interpreter import Interpreter
 
     import warnings
@@ -254,6 +263,20 @@ def _tflite_tensors(data: bytes, samples, quant_names) -> tuple[dict, dict, np.n
             parts = {p.split("/")[1] for p in d["name"].split(";") if p.count("/") >= 1}
             if parts & wanted and d["dtype"] in (np.int8, np.int16, np.float32):
                 match[q] = d  # the last op output of that layer
+    ops = interp._get_ops_details()
+    for q, end in (ends or {}).items():
+        if q in match:
+            continue
+        if end == "input":
+            ins = {d["index"] for d in interp.get_input_details()}
+            found = [op["outputs"][0] for op in ops if op["op_name"] == "QUANTIZE" and op["inputs"][0] in ins]
+            found = found or [i for i in ins if details[i]["dtype"] != np.float32]
+        else:
+            outs = {d["index"] for d in interp.get_output_details()}
+            found = [op["inputs"][0] for op in ops if op["op_name"] == "DEQUANTIZE" and op["outputs"][0] in outs]
+            found = found or [i for i in outs if details[i]["dtype"] != np.float32]
+        if len(found) == 1:
+            match[q] = details[found[0]]
     values = {q: [] for q in match}
     outputs = []
     inp = interp.get_input_details()
@@ -314,13 +337,9 @@ def analyze(model: Any, calibration_data: Any, scheme: Any = "int8", output: Opt
     sim_sqnr = {q: verify.sqnr_db(probes[q], cum[q]) for q in quant_names}
     output_sqnr = {"simulated": verify.sqnr_db(ref, sim_out)}
     tfl_vals, tfl_names = {}, {}
-    if tflite and s.scheme.activations.bits == 16:
-        print("note: int16x8 is measured in the simulation only: the converter calibrates int16x8 itself, so its "
-              "tensors are not the rewriter's", file=sys.stderr)
-        tflite = False
     if tflite:
         data = _export(s)
-        tfl_vals, tfl_names, tfl_out = _tflite_tensors(data, x, quant_names)
+        tfl_vals, tfl_names, tfl_out = _tflite_tensors(data, x, quant_names, _ends(rw))
         output_sqnr["tflite"] = verify.sqnr_db(ref, tfl_out)
     tfl_sqnr = {q: verify.sqnr_db(probes[q], v) for q, v in tfl_vals.items() if v.shape == probes[q].shape}
 
@@ -343,7 +362,35 @@ def analyze(model: Any, calibration_data: Any, scheme: Any = "int8", output: Opt
 
 
 def _export(s: _Setup) -> bytes:
+    if s.scheme.activations.bits == 16:
+        # No fake-quant path for 16-bit activations: the converter calibrates the folded float twin itself on
+        # the same calibration samples (its ranges are min/max, not necessarily the scheme's method).
+        import tf_keras as keras
+
+        rw = s.rewritten
+        twin = keras.Model(rw.float_model.inputs, rw.float_model.outputs[:len(rw.model.outputs)])
+        cal_samples = s.calibration_samples
+
+        def representative():
+            for i in range(cal_samples[0].shape[0]):
+                yield [a[i:i + 1] for a in cal_samples]
+
+        return export.converter_ptq_tflite(twin, representative, int16x8=True, io_dtype="float32")
     return export.fake_quant_to_tflite(s.rewritten.model, "float32")
+
+
+def _ends(rw) -> dict:
+    """Quantizers on the model's input and output (see `_tflite_tensors`)."""
+    ends = {}
+    for kind, tensors in (("input", rw.model.inputs), ("output", rw.model.outputs[:1])):
+        for t in tensors:
+            layer = t._keras_history.layer
+            if kind == "input":  # the quantizer that consumes the input layer
+                layer = next((n.outbound_layer for n in layer._outbound_nodes
+                              if n.outbound_layer.name in rw.quant_points), None)
+            if layer is not None and layer.name in rw.quant_points:
+                ends[layer.name] = kind
+    return ends
 
 
 # ---- report writing -------------------------------------------------------------------------------------------

@@ -61,10 +61,19 @@ def test_int16x8_ranks_damaged_weights_first_and_other_layers_gain():
     # The outlier wrecks c2's per-channel int8 weight grid, which 16-bit activations do not fix.
     r8 = debug.analyze(_model(damage=True), X, "int8", tflite=False, num_calibration_samples=100, num_samples=40)
     r16 = debug.analyze(_model(damage=True), X, "int16x8", num_calibration_samples=100, num_samples=40)
-    assert r16.layers[0].name == "c2" and r16.layers[0].tflite_sqnr is None  # simulation only
+    assert r16.layers[0].name == "c2"
+    assert min(r16.layers, key=lambda e: e.tflite_local_sqnr or np.inf).name == "c2"  # the int16x8 TFLite file too
     s8 = {e.name: e.sensitivity_sqnr for e in r8.layers}
     s16 = {e.name: e.sensitivity_sqnr for e in r16.layers}
     assert s16["gap"] > s8["gap"] + 20   # an activation-only quantizer: 8 more bits, about 48 dB more
+
+
+def test_int16x8_tflite_tensors_match_simulated_on_undamaged_model():
+    report = debug.analyze(_model(), X, "int16x8", num_calibration_samples=100, num_samples=40)
+    for e in report.layers:
+        assert e.tflite_sqnr is not None, f"{e.name}: no TFLite tensor matched"
+        assert abs(e.tflite_sqnr - e.sim_sqnr) < 3.0, e
+    assert report.output_sqnr["tflite"] > 40  # 16-bit activations: well above int8's
 
 
 def test_mixed_precision_meets_budget_plain_int8_misses(tmp_path):
