@@ -27,6 +27,7 @@ import tf_keras as keras  # noqa: E402
 
 from qtoolkit import datasets, export, rewrite, schemes, verify, zoo  # noqa: E402
 from qtoolkit.algorithms import cle  # noqa: E402
+from qtoolkit.callbacks import QuantizationCallback  # noqa: E402
 from qtoolkit.pipeline import ptq  # noqa: E402
 
 HEADING = "## Beyond the paper: CLE, bias correction and AdaRound"
@@ -127,7 +128,10 @@ def main():
         keras.utils.set_random_seed(0)
         qm.compile(keras.optimizers.Adam(1e-4), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         n = int(len(x_train) * min(args.qat_epochs, 1.0))
-        qm.fit(x_train[:n], y_train[:n], batch_size=128, epochs=max(1, int(round(args.qat_epochs))), verbose=0)
+        epochs = max(1, int(round(args.qat_epochs)))
+        # qtoolkit's recipe (as qtoolkit.qat.fine_tune): batch norm frozen half-way, the paper's schedule.
+        freeze = QuantizationCallback(bn_freeze_step=epochs * -(-n // 128) // 2)
+        qm.fit(x_train[:n], y_train[:n], batch_size=128, epochs=epochs, verbose=0, callbacks=[freeze])
         data, _ = qtoolkit.export_tflite(qm)
         qat = (accuracy(verify.LiteRTModel(data).predict(x_ver), y_ver), time.perf_counter() - t0)
         print(f"W4A8 QAT ({args.qat_epochs} epoch): accuracy {qat[0]:.4f} in {qat[1]:.0f} s", flush=True)
@@ -139,7 +143,7 @@ def main():
         print(f"float, same fine-tuning: accuracy {qat[2]:.4f}", flush=True)
 
     lines = [HEADING, "",
-             f"Produced by `python scripts/bench_algorithms.py{' --model ' + args.model if args.model else ''}` on "
+             f"Produced by `{' '.join(['python scripts/bench_algorithms.py', *sys.argv[1:]])}` on "
              f"`{os.path.basename(path)}` ({args.dataset}, {len(x_cal)} calibration images from the training set, "
              f"accuracy of the exported int8 TFLite model in the LiteRT interpreter on {len(x_ver)} test images; "
              "SQNR of the logits against the float model).", "",
@@ -152,7 +156,7 @@ def main():
         lines.append(f"| {label} | {100 * acc:.2f} | {100 * (acc - float_acc):+.2f} | {sqnr:.1f} | "
                      f"{'yes' if same else 'NO'} | {algo:.1f} |")
     if qat:
-        lines.append(f"| W4A8 QAT ({args.qat_epochs:g} epoch fine-tuning, qtoolkit.quantize_model) | "
+        lines.append(f"| W4A8 QAT ({args.qat_epochs:g} epoch fine-tuning, qtoolkit.quantize_model, batch norm frozen half-way) | "
                      f"{100 * qat[0]:.2f} | {100 * (qat[0] - float_acc):+.2f} | - | - | {qat[1]:.1f} (training) |")
         lines.append(f"| float, same fine-tuning (reference for the QAT row) | {100 * qat[2]:.2f} | "
                      f"{100 * (qat[2] - float_acc):+.2f} | - | - | - |")

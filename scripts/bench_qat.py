@@ -1,12 +1,12 @@
 """qtoolkit QAT vs TFMOT QAT on the same model, data, epochs and seed; and the paper's table 5.
 
-Starts from the Fashion-MNIST MobileNet-v1-style model of scripts/bench_ptq.py
-(trained in float, cached in build/bench), fine-tunes it with each tool, exports
+Starts from a Fashion-MNIST reference model of qtoolkit.zoo (default the MobileNet-v1-style one,
+committed weights), fine-tunes it with each tool, exports
 int8 TFLite and evaluates everything on the 10,000 test images with the LiteRT
 interpreter. Reports: Keras QAT accuracy, exported int8 accuracy, their gap,
 and the training step time. Then w4a8 (4-bit weights): float, PTQ and QAT.
 
-    python scripts/bench_qat.py [--epochs 1] [--train_samples 60000]
+    python scripts/bench_qat.py [--epochs 1] [--train_samples 60000] [--seeds 0,1,2] [--model mobilenet_v1_fmnist]
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_ptq import fashion_model  # noqa: E402
 
 from qtoolkit import datasets, export, verify  # noqa: E402
 from qtoolkit.callbacks import QuantizationCallback  # noqa: E402
@@ -48,12 +46,12 @@ def accuracy(outputs, y):
     return float(np.mean(np.asarray(outputs).argmax(1) == y))
 
 
-def fine_tune(qm, x, y, epochs, seed):
+def fine_tune(qm, x, y, epochs, seed, callbacks=()):
     keras.utils.set_random_seed(seed)
     qm.compile(keras.optimizers.Adam(1e-4), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                ["accuracy"])
     timer = StepTimer()
-    qm.fit(x, y, batch_size=128, epochs=epochs, verbose=0, callbacks=[timer], shuffle=True)
+    qm.fit(x, y, batch_size=128, epochs=epochs, verbose=0, callbacks=[timer, *callbacks], shuffle=True)
     return timer.median_ms
 
 
@@ -61,55 +59,71 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--train_samples", type=int, default=60000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; each tool is run once per seed, "
+                                                      "rows are per seed plus the mean")
+    parser.add_argument("--model", default="mobilenet_v1_fmnist",
+                        help="a Fashion-MNIST reference model name (qtoolkit.zoo) or a .keras path")
     args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
     (x_train, y_train), (x_test, y_test) = datasets.load("fashion_mnist")
     x, y = x_train[:args.train_samples], y_train[:args.train_samples]
-    model, _, _, _ = fashion_model()
+    if os.path.exists(args.model):
+        model = keras.models.load_model(args.model)
+    else:
+        from qtoolkit import zoo
+
+        model = zoo.load(args.model)
     float_acc = accuracy(model.predict(x_test, batch_size=512, verbose=0), y_test)
-    rows = []
-
-    # The float model fine-tuned the same way: QAT also trains, so compare with this too.
-    ft = _copy(model)
-    ms = fine_tune(ft, x, y, args.epochs, args.seed)
-    ft_acc = accuracy(ft.predict(x_test, batch_size=512, verbose=0), y_test)
-    rows.append(("float, fine-tuned likewise (reference)", ft_acc, float("nan"), ms, None))
-
-    # TFMOT
+    steps = args.epochs * -(-len(x) // 128)
+    rows = {}  # tool -> list of (keras_acc, int8_acc, step_ms, inspection) over seeds
     import tensorflow_model_optimization as tfmot
 
-    tm = tfmot.quantization.keras.quantize_model(_copy(model))
-    ms = fine_tune(tm, x, y, args.epochs, args.seed)
-    keras_acc = accuracy(tm.predict(x_test, batch_size=512, verbose=0), y_test)
-    conv = tf.lite.TFLiteConverter.from_keras_model(tm)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.inference_input_type = conv.inference_output_type = tf.int8
-    data = conv.convert()
-    int8_acc = accuracy(verify.LiteRTModel(data).predict(x_test), y_test)
-    rows.append(("TFMOT quantize_model", keras_acc, int8_acc, ms, export.inspect(data)))
+    for seed in seeds:
+        # The float model fine-tuned the same way: QAT also trains, so compare with this too.
+        ft = _copy(model)
+        ms = fine_tune(ft, x, y, args.epochs, seed)
+        rows.setdefault("float, fine-tuned likewise (reference)", []).append(
+            (accuracy(ft.predict(x_test, batch_size=512, verbose=0), y_test), float("nan"), ms, None))
 
-    # qtoolkit
-    qm = qtoolkit.quantize_model(_copy(model), "int8", calibration_data=x_train[:512])
-    ms = fine_tune(qm, x, y, args.epochs, args.seed)
-    keras_acc = accuracy(qm.predict(x_test, batch_size=512, verbose=0), y_test)
-    data, insp = qtoolkit.export_tflite(qm)
-    int8_acc = accuracy(verify.LiteRTModel(data).predict(x_test), y_test)
-    rows.append(("qtoolkit quantize_model", keras_acc, int8_acc, ms, insp))
+        tm = tfmot.quantization.keras.quantize_model(_copy(model))
+        ms = fine_tune(tm, x, y, args.epochs, seed)
+        keras_acc = accuracy(tm.predict(x_test, batch_size=512, verbose=0), y_test)
+        conv = tf.lite.TFLiteConverter.from_keras_model(tm)
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.inference_input_type = conv.inference_output_type = tf.int8
+        data = conv.convert()
+        rows.setdefault("TFMOT quantize_model", []).append(
+            (keras_acc, accuracy(verify.LiteRTModel(data).predict(x_test), y_test), ms, export.inspect(data)))
 
-    print(f"float accuracy {float_acc:.4f}; {args.epochs} epoch(s) of QAT on {len(x)} images, seed {args.seed}\n")
-    print("| tool | Keras QAT accuracy | int8 TFLite accuracy | gap (points) | per-channel weights | "
-          "train step ms (batch 128) |\n|---|---|---|---|---|---|")
-    for name, k, i, ms, insp in rows:
-        if insp is None:
-            print(f"| {name} | {k:.4f} (float) | - | - | - | {ms:.1f} |")
-            continue
-        print(f"| {name} | {k:.4f} | {i:.4f} | {100 * (k - i):+.2f} | "
-              f"{sum(w.per_channel for w in insp.weights)}/{len(insp.weights)} | {ms:.1f} |")
+        # qtoolkit's recipe: calibrated starting ranges, batch norm frozen half-way (the paper's schedule).
+        qm = qtoolkit.quantize_model(_copy(model), "int8", calibration_data=x_train[:512])
+        ms = fine_tune(qm, x, y, args.epochs, seed, [QuantizationCallback(bn_freeze_step=steps // 2)])
+        keras_acc = accuracy(qm.predict(x_test, batch_size=512, verbose=0), y_test)
+        data, insp = qtoolkit.export_tflite(qm)
+        rows.setdefault("qtoolkit quantize_model", []).append(
+            (keras_acc, accuracy(verify.LiteRTModel(data).predict(x_test), y_test), ms, insp))
+
+    print(f"model {args.model}: float accuracy {float_acc:.4f}; {args.epochs} epoch(s) of QAT on {len(x)} images, "
+          f"seeds {args.seeds}\n")
+    print("| tool | seed | Keras QAT accuracy | int8 TFLite accuracy | gap (points) | per-channel weights | "
+          "train step ms (batch 128) |\n|---|---|---|---|---|---|---|")
+    for name, runs in rows.items():
+        labelled = [(str(s), r) for s, r in zip(seeds, runs)]
+        if len(runs) > 1:
+            labelled.append(("mean", tuple(float(np.mean([r[i] for r in runs])) for i in range(3)) + (runs[0][3],)))
+        for seed, (k, i, ms, insp) in labelled:
+            if insp is None:
+                print(f"| {name} | {seed} | {k:.4f} (float) | - | - | - | {ms:.1f} |")
+                continue
+            print(f"| {name} | {seed} | {k:.4f} | {i:.4f} | {100 * (k - i):+.2f} | "
+                  f"{sum(w.per_channel for w in insp.weights)}/{len(insp.weights)} | {ms:.1f} |")
+    ft_acc = float(np.mean([r[0] for r in rows["float, fine-tuned likewise (reference)"]]))
+    seed = seeds[0]
 
     # Paper table 5: 4-bit weights, 8-bit activations.
     ptq4 = ptq(model, x_train[:1000], "w4a8", verification_data=x_test, labels=y_test, progress=False)
     qm4 = qtoolkit.quantize_model(_copy(model), "w4a8", calibration_data=x_train[:512])
-    fine_tune(qm4, x, y, args.epochs, args.seed)
+    fine_tune(qm4, x, y, args.epochs, seed, [QuantizationCallback(bn_freeze_step=steps // 2)])
     data4, insp4 = qtoolkit.export_tflite(qm4)
     qat4 = accuracy(verify.LiteRTModel(data4).predict(x_test), y_test)
     levels = max_levels_per_channel(data4)
