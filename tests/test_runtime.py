@@ -111,13 +111,13 @@ def test_convert_warns_and_strict_fails_on_ops_outside_the_delegate(tmp_path):
 
 
 def test_consecutive_affine_layers_become_one_depthwise_conv():
-    inp = keras.Input((6, 6, 3))
+    inp = keras.Input((6, 6, 8))  # more channels than an image: a 1x1 depthwise conv, not MUL + ADD
     x = L.Rescaling(1 / 255.0)(inp)
-    norm = L.Normalization(mean=[0.4, 0.5, 0.6], variance=[0.05, 0.06, 0.07])
+    norm = L.Normalization(mean=np.linspace(0.4, 0.6, 8), variance=np.linspace(0.05, 0.07, 8))
     x = L.Conv2D(4, 3, padding="same")(norm(x))  # offset + same padding: not folded into the conv
     model = keras.Model(inp, x)
     result = rewrite(model, schemes.load("int8"))
-    x = np.random.default_rng(0).uniform(0, 255, (8, 6, 6, 3)).astype(np.float32)
+    x = np.random.default_rng(0).uniform(0, 255, (8, 6, 6, 8)).astype(np.float32)
     np.testing.assert_allclose(result.float_model(x)[0].numpy(), model(x).numpy(), rtol=1e-4, atol=1e-4)
     convs = [layer for layer in result.model.layers if getattr(layer, "kind", None) == "depthwise"]
     assert len(convs) == 1 and any("+" in f and "normalization" in f for f in result.folded)
@@ -147,6 +147,25 @@ def test_affine_before_a_same_padded_conv_with_offset_stays_a_depthwise_conv():
     x = np.random.default_rng(0).uniform(0, 255, (4, 9, 9, 3)).astype(np.float32)
     np.testing.assert_allclose(result.float_model(x)[0].numpy(), model(x).numpy(), rtol=1e-4, atol=1e-4)
     assert not any(" into " in f for f in result.folded)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_image_preprocessing_runs_as_int8_mul_and_add(per_channel):
+    # Before a 'same'-padded conv it cannot be folded; over 3 channels a 1x1 depthwise conv is slow in XNNPACK.
+    inp = keras.Input((16, 16, 3))
+    x = L.Rescaling(1 / 127.5, offset=-1.0)(inp)
+    if per_channel:
+        x = L.Normalization(mean=[0.1, -0.1, 0.0], variance=[0.8, 0.9, 1.1])(x)
+    model = keras.Model(inp, L.Conv2D(8, 3, 2, padding="same")(x))
+    data = np.random.default_rng(0).uniform(0, 255, (120, 16, 16, 3)).astype(np.float32)
+    rewritten = rewrite(model, schemes.load("int8"))
+    np.testing.assert_allclose(rewritten.float_model(data[:8])[0].numpy(), model(data[:8]).numpy(),
+                               rtol=1e-4, atol=1e-4)
+    result = ptq(model, data[:100], "int8", verification_data=data[100:], progress=False)
+    assert result.inspection.fully_quantized and runtime.delegation(result.tflite).fully_delegated
+    assert {"MUL", "ADD"} <= set(result.inspection.ops) and "DEPTHWISE_CONV_2D" not in result.inspection.ops
+    assert result.comparisons["float vs TFLite"].sqnr_db > 30
+    assert result.comparisons["simulated vs TFLite"].sqnr_db > 30
 
 
 @pytest.mark.parametrize("padding", ["same", "valid"])
