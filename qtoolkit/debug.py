@@ -133,7 +133,7 @@ class _Setup:
     calibration: Any
     samples: list
     units: list          # (name, quantizer layer name, FoldedConv name or None)
-    calibration_samples: list = None  # one array per input: the converter calibrates int16x8 on these
+    calibration_samples: list = None  # int16x8 only, one array per input: the converter calibrates on these
 
 
 def _prepare(model, calibration_data, scheme, num_calibration_samples, num_samples, allow_unsafe,
@@ -157,9 +157,11 @@ def _prepare(model, calibration_data, scheme, num_calibration_samples, num_sampl
         raise cal.DataError(f"{source.description}: {n} samples, fewer than {n_cal} calibration + {n_ver} "
                             "measured samples; give more data or lower --num_calibration_samples/--num_samples")
     rewritten = rewrite.rewrite(keras_model, scheme)
-    cal_samples = source.collect(n_cal)  # kept: the int16x8 export calibrates on the same samples
-    calibration = cal.calibrate(rewritten, cal.open_source(list(cal_samples), specs), n_cal, scheme,
-                                progress=progress)
+    cal_samples = None
+    if scheme.activations.bits == 16:  # kept in memory: the int16x8 export calibrates on the same samples
+        cal_samples = source.collect(n_cal)
+    calibration = cal.calibrate(rewritten, source if cal_samples is None else cal.open_source(list(cal_samples), specs),
+                                n_cal, scheme, progress=progress)
     samples = source.collect(n_ver)
     units = []
     names = {layer.name for layer in rewritten.model.layers}

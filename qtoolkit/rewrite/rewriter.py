@@ -560,7 +560,8 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
             x = tensors[node.inputs[0]]
             rank = x.shape.rank
             channels = scale.shape[0]
-            if node.inputs[0] in flat.inputs and channels <= 4 and step.activation in (None, "linear"):
+            if node.inputs[0] in flat.inputs and channels <= 4 and step.activation in (None, "linear") \
+                    and step.fixed_range is None:
                 # Preprocessing of a few-channel model input (an image): int8 MUL and ADD of constants,
                 # as the converter keeps them. A 1x1 depthwise conv over 3 channels fills 3 of XNNPACK's
                 # 16-channel tile: 0.3 ms against 0.02 ms at 224x224x3 (scripts/bench_layers.py).
