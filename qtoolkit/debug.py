@@ -252,7 +252,8 @@ def _tflite_tensors(data: bytes, samples, quant_names, ends: Optional[dict] = No
         interp = Interpreter(model_content=bytes(data), experimental_preserve_all_tensors=True, num_threads=1)
     interp.allocate_tensors()
     details = {d["index"]: d for d in interp.get_tensor_details()}
-    outputs_in_order = [i for op in interp._get_ops_details() for i in op["outputs"]]
+    ops = interp._get_ops_details()
+    outputs_in_order = [i for op in ops for i in op["outputs"]]
     match = {}
     for q in quant_names:
         # The converter names an op's output after the Keras layers of the ops fused into it
@@ -265,7 +266,6 @@ def _tflite_tensors(data: bytes, samples, quant_names, ends: Optional[dict] = No
             parts = {p.split("/")[1] for p in d["name"].split(";") if p.count("/") >= 1}
             if parts & wanted and d["dtype"] in (np.int8, np.int16, np.float32):
                 match[q] = d  # the last op output of that layer
-    ops = interp._get_ops_details()
     for q, end in (ends or {}).items():
         if q in match:
             continue

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import qtoolkit  # noqa: F401  (Keras 2 before TensorFlow)
@@ -21,10 +20,9 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-
-from qtoolkit import datasets, export, verify  # noqa: E402
-from qtoolkit.callbacks import QuantizationCallback  # noqa: E402
-from qtoolkit.pipeline import ptq  # noqa: E402
+from qtoolkit import datasets, export, verify
+from qtoolkit.callbacks import QuantizationCallback
+from qtoolkit.pipeline import ptq
 
 
 class StepTimer(keras.callbacks.Callback):
