@@ -121,11 +121,18 @@ def memory(samples):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="fmnist_mobilenet," + ",".join(APPS))
+    parser.add_argument("--sizes", default="",
+                        help="input sizes overriding the reduced defaults, e.g. InceptionV3=299 (its native size)")
     parser.add_argument("--calibration_samples", type=int, default=500)
     parser.add_argument("--verification_samples", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--memory", action="store_true", help="measure peak memory vs calibration samples")
     args = parser.parse_args()
+    for item in filter(None, args.sizes.split(",")):
+        name, _, size = item.partition("=")
+        if name not in APPS or not size.isdigit():
+            parser.error(f"--sizes: expected MODEL=PIXELS with MODEL one of {', '.join(APPS)}, got {item!r}")
+        APPS[name] = int(size)
     if args.memory:
         model, x_train, _, _ = fashion_model()
         os.makedirs(CACHE, exist_ok=True)
@@ -136,6 +143,8 @@ def main():
           f"{os.cpu_count()} CPUs\n")
     header = None
     for name in args.models.split(","):
+        if name in APPS:
+            print(f"<!-- {name} at {APPS[name]}x{APPS[name]} -->")
         rows, gap, lat = bench(name, args.calibration_samples, args.verification_samples, args.runs)
         if header is None:
             header = ["model", "tool", *next(iter(rows.values()))]

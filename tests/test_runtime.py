@@ -182,3 +182,74 @@ def test_average_pooling_runs_as_a_delegated_depthwise_conv(padding):
     assert "AVERAGE_POOL_2D" not in result.inspection.ops
     assert runtime.delegation(result.tflite).fully_delegated
     assert result.comparisons["float vs TFLite"].sqnr_db > 30
+
+
+def _ops_and_tensors(data):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_content=data, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    return it, it._get_ops_details(), {t["index"]: t for t in it.get_tensor_details()}
+
+
+def test_average_pooling_count_map_is_stored_exactly_in_int8():
+    # 3x3 'same' over 6x6: counts 9 / 6 / 4, corrections 1 / 1.5 / 2.25.  The converter would store a bare
+    # constant over [0, 2.25] (1.0 -> 0.997, a 0.3% bias on every interior output); qtoolkit stores it exactly.
+    from qtoolkit.rewrite.layers import exact_levels
+
+    assert exact_levels(np.array([1.0, 1.5, 2.25])) == 112
+    inp = keras.Input((6, 6, 4))
+    x = L.AveragePooling2D(3, strides=1, padding="same")(L.Conv2D(8, 1)(inp))
+    model = keras.Model(inp, L.Conv2D(4, 1)(x))
+    data = np.random.default_rng(0).uniform(-1, 1, (80, 6, 6, 4)).astype(np.float32)
+    result = ptq(model, data[:64], "int8", verification_data=data[64:], progress=False)
+    it, ops, tensors = _ops_and_tensors(result.tflite)
+    (mul,) = [op for op in ops if op["op_name"] == "MUL"]
+    const = tensors[mul["inputs"][1]]
+    scale, zero = const["quantization_parameters"]["scales"][0], const["quantization_parameters"]["zero_points"][0]
+    stored = (it.get_tensor(const["index"]).astype(np.float32) - zero) * scale
+    counts = tf.nn.conv2d(tf.ones((1, 6, 6, 1)), tf.ones((3, 3, 1, 1)), 1, "SAME").numpy()
+    np.testing.assert_allclose(stored, 9.0 / counts, rtol=1e-6)
+    assert result.comparisons["float vs TFLite"].sqnr_db > 30
+
+
+def _mul_io_params(data):
+    _, ops, tensors = _ops_and_tensors(data)
+    (mul,) = [op for op in ops if op["op_name"] == "MUL"]
+    return [(float(tensors[i]["quantization_parameters"]["scales"][0]),
+             int(tensors[i]["quantization_parameters"]["zero_points"][0])) for i in (mul["inputs"][0], mul["outputs"][0])]
+
+
+def test_average_pooling_window_shares_the_output_range_when_most_counts_are_full():
+    # 3x3 'same' over 9x9: 49 of 81 positions have the full count, where the MUL by the count map is 1.
+    # The window and the output get one range (their union), so TFLite's MUL is exact there; over 6x6
+    # (16 of 36 full) each keeps its own range.
+    for size, tied in ((9, True), (6, False)):
+        inp = keras.Input((size, size, 4))
+        x = L.AveragePooling2D(3, strides=1, padding="same")(L.Conv2D(8, 1)(inp))
+        model = keras.Model(inp, L.Conv2D(4, 1)(x))
+        rewritten = rewrite(model, schemes.load("int8"))
+        assert len(rewritten.tied_points) == int(tied)
+        data = np.random.default_rng(0).uniform(-1, 1, (80, size, size, 4)).astype(np.float32)
+        result = ptq(model, data[:64], "int8", verification_data=data[64:], progress=False)
+        window, output = _mul_io_params(result.tflite)
+        assert (window == output) == tied, (size, window, output)
+        assert result.comparisons["float vs TFLite"].sqnr_db > 30
+
+
+def test_average_pooling_with_one_count_everywhere_is_a_single_depthwise_conv():
+    # 3x3 'same' over 2x2: every window holds the 4 inputs, so the average is one depthwise conv
+    # with weights 1/4 (no count map, no extra rounding).
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((2, 2, 8))
+    x = L.AveragePooling2D(3, strides=1, padding="same")(L.Conv2D(8, 1)(inp))
+    model = keras.Model(inp, L.Conv2D(4, 1)(x))
+    data = np.random.default_rng(0).uniform(-1, 1, (80, 2, 2, 8)).astype(np.float32)
+    rewritten = rewrite(model, schemes.load("int8"))
+    np.testing.assert_allclose(rewritten.float_model(data[:8])[0].numpy(), model(data[:8]).numpy(),
+                               rtol=1e-5, atol=1e-5)
+    result = ptq(model, data[:64], "int8", verification_data=data[64:], progress=False)
+    assert "MUL" not in result.inspection.ops and "AVERAGE_POOL_2D" not in result.inspection.ops
+    assert runtime.delegation(result.tflite).fully_delegated
+    # 32 elements per sample: the int8 error is the ranges' (26-35 dB over init seeds); the simulation is exact.
+    assert result.comparisons["simulated vs TFLite"].sqnr_db > 45
+    assert result.comparisons["float vs TFLite"].sqnr_db > 20

@@ -64,10 +64,14 @@ def calibrate(rewritten, source: Source, num_samples: int, scheme: QuantScheme, 
         seen += batch[0].shape[0]
         bar.update(batch[0].shape[0])
     bar.close()
+    chosen = {name: observers[name].range() for name in names}
+    for a, b in rewritten.tied_points:
+        # One shared range, the union: equal scales and zero points.
+        chosen[a] = chosen[b] = (min(chosen[a][0], chosen[b][0]), max(chosen[a][1], chosen[b][1]))
     ranges = {}
     for name in names:
         layer = rewritten.model.get_layer(name)
-        layer.set_range(*observers[name].range())
+        layer.set_range(*chosen[name])
         ranges[name] = layer.get_range()
     for name in rewritten.fixed_points:
         ranges[name] = rewritten.model.get_layer(name).get_range()

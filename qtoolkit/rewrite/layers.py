@@ -216,10 +216,51 @@ class FoldedConv(keras.layers.Layer):
                 "strides": self.strides, "padding": self.padding, "dilation_rate": self.dilation_rate}
 
 
+class ScaleMap(keras.layers.Layer):
+    """x * c for a constant map c > 0 (e.g. (1, H, W, 1)), with c stored in int8 exactly when it can be.
+
+    Average pooling with 'same' padding divides each output by its count of
+    valid inputs; the rewriter runs it as a depthwise conv followed by this
+    layer.  The converter would quantize a bare constant over [0, max c]
+    (1.0 becomes 0.997 for 3x3 windows); here c is fake-quantized over
+    [0, 255 / k] with the largest k <= 255 / max(c) that makes every k * c an
+    integer (3x3 windows: k = 112), so TFLite stores it exactly.
+
+    Args:
+      values: the constant (broadcastable against the input).
+      quantize: fake-quantize c (in the model the converter reads).
+    """
+
+    def __init__(self, values, quantize=True, **kwargs):
+        super().__init__(**kwargs)
+        self.values = np.asarray(values, np.float32)
+        self.quantize = bool(quantize)
+        self.levels = exact_levels(self.values)
+
+    def call(self, inputs):
+        c = tf.constant(self.values)
+        if self.quantize:
+            c = tf.quantization.fake_quant_with_min_max_args(c, 0.0, 255.0 / self.levels, num_bits=8)
+        return inputs * c
+
+    def get_config(self):
+        return {**super().get_config(), "values": self.values.tolist(), "quantize": self.quantize}
+
+
+def exact_levels(values: np.ndarray) -> int:
+    """The largest k <= 255 / max(values) with every k * value an integer (else that bound)."""
+    top = int(np.floor(255.0 / float(np.max(values)) + 1e-9))
+    for k in range(top, max(top // 2, 1) - 1, -1):
+        scaled = values * k
+        if np.allclose(scaled, np.round(scaled), rtol=0, atol=1e-4):
+            return k
+    return top
+
+
 def custom_objects() -> dict:
     """The scope to load a model saved after rewriting: `load_model(p, custom_objects=custom_objects())`."""
     from qtoolkit.rewrite.qat_layers import QATFoldedConv, QATQuantizeActivation
 
     return {"RangeQuantizer": RangeQuantizer, "QuantizeActivation": QuantizeActivation,
-            "FoldedConv": FoldedConv,
+            "FoldedConv": FoldedConv, "ScaleMap": ScaleMap,
             "QATFoldedConv": QATFoldedConv, "QATQuantizeActivation": QATQuantizeActivation}

@@ -27,7 +27,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from qtoolkit.rewrite import graph as g
-from qtoolkit.rewrite.layers import FoldedConv, QuantizeActivation, RangeQuantizer
+from qtoolkit.rewrite.layers import FoldedConv, QuantizeActivation, RangeQuantizer, ScaleMap
 from qtoolkit.rewrite.qat_layers import QATFoldedConv, QATQuantizeActivation
 from qtoolkit.schemes import QuantScheme
 
@@ -57,6 +57,9 @@ SAME_SCALE_TF_OPS = ("reshape", "compat.v1.transpose", "transpose", "compat.v1.s
 QUANTIZED_TF_OPS = ("__operators__.add", "math.add", "math.subtract", "math.multiply", "math.truediv",
                     "nn.relu", "nn.relu6", "math.sigmoid", "nn.silu", "nn.swish", "math.tanh", "concat",
                     "math.reduce_mean", "nn.avg_pool2d", "math.maximum", "math.minimum")
+# An average pooling's window and output share one range when at least this fraction of
+# positions has the full count (the MUL by the count map is then exact there).
+TIE_FULL_FRACTION = 0.5
 FUSE_AFTER = (L.Add, L.Subtract, L.Multiply)  # TFLite fuses a following ReLU/ReLU6 into these
 
 
@@ -72,6 +75,10 @@ class Rewritten:
       fixed_points: names of quantizers with a range TFLite fixes (not calibrated).
       folded: one line per fused pattern, e.g. "conv1+bn1+relu1".
       float_layers: names of the layers left in float.
+      tied_points: (a, b) quantizer names that calibration gives one range,
+        the union of what each observes (an average pooling's window and its
+        count-corrected output: equal scales make the MUL exact where the
+        count is full).
     """
 
     model: keras.Model
@@ -80,6 +87,7 @@ class Rewritten:
     fixed_points: list[str]
     folded: list[str]
     float_layers: list[str]
+    tied_points: list = dataclasses.field(default_factory=list)
 
 
 def _safe(name: str) -> str:
@@ -440,14 +448,14 @@ def rewrite(model, scheme: QuantScheme, strict: bool = False, qat: bool = False,
                     "TFLite runs it in int8 only if it has an int8 kernel for it (see the float ops of the "
                     "inspection)", s.node.name, type(s.node.layer).__name__)
     fused = {id(s): _fold(s) for s in steps if s.kind == "fused"}
-    qmodel, _, names, fixed = _build(flat, steps, fused, scheme, quantize=True, model_name=model.name,
+    qmodel, _, names, fixed, ties = _build(flat, steps, fused, scheme, quantize=True, model_name=model.name,
                                      qat=qat, ema_decay=ema_decay)
-    fmodel, probes, names_f, _ = _build(flat, steps, fused, scheme, quantize=False, model_name=model.name)
+    fmodel, probes, names_f, _, _ = _build(flat, steps, fused, scheme, quantize=False, model_name=model.name)
     assert names == names_f
     float_model = keras.Model(fmodel.inputs, [*fmodel.outputs, *probes], name=f"{model.name}_float_twin")
     folded = ["+".join([s.node.name, *(a.name for a in s.absorbed)]) + (f" into {s.into}" if s.into else "")
               for s in steps if s.absorbed or s.into]
-    return Rewritten(qmodel, float_model, [n for n in names if n not in fixed], fixed, folded, float_names)
+    return Rewritten(qmodel, float_model, [n for n in names if n not in fixed], fixed, folded, float_names, ties)
 
 
 def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, model_name: str,
@@ -456,7 +464,7 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
     acts = scheme.activations
     tensors: dict[int, object] = {}
     float_tensors: set[int] = set()   # tensors that TFLite will keep in float
-    probes, names, fixed = [], [], []
+    probes, names, fixed, ties = [], [], [], []
     inputs = []
     used_names: set[str] = set()
 
@@ -527,6 +535,7 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
 
     for step in steps:
         node = step.node
+        tie = None
         if step.kind == "float":
             # A float layer's float inputs stay float: dequantized by TFLite.
             out = g.call(node, tensors)
@@ -586,20 +595,26 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
                 # The quantizer's fixed range clips the fake-quant model; the float twin clips explicitly.
                 out = L.ReLU(max_value=step.fixed_range[1], name=unique(_safe(node.name) + "_clip"))(out)
         elif step.kind == "avgpool":
-            # Average pooling = depthwise conv with weights 1/window (exact in int8 per channel);
-            # 'same' padding then divides by the valid count, a constant per position.
+            # Average pooling = depthwise conv with weights 1/count (exact in int8 per channel).
+            # 'same' padding divides each output by its own count of valid inputs: when every
+            # position has the same count (small maps, e.g. 3x3 over 2x2) that is the weight;
+            # otherwise a MUL by the constant window/count map follows (one more rounding).
             layer = node.layer
             channels = int(layer.input_shape[-1])
-            kernel = np.full((*layer.pool_size, channels, 1), 1.0 / np.prod(layer.pool_size), np.float32)
+            correction = _avgpool_correction(layer)
+            uniform = np.allclose(correction, correction.flat[0], rtol=1e-6, atol=0)
+            weight = (float(correction.flat[0]) if uniform else 1.0) / np.prod(layer.pool_size)
+            kernel = np.full((*layer.pool_size, channels, 1), weight, np.float32)
             zeros = np.zeros(channels, np.float32)
             new = folded_conv("depthwise", kernel, zeros, "linear", node.name,
                               {"strides": layer.strides, "padding": layer.padding, "dilation_rate": (1, 1)})
             out = new(tensors[node.inputs[0]])
             load_folded(new, kernel, zeros)
-            correction = _avgpool_correction(layer)
-            if not np.allclose(correction, 1.0):
+            if not uniform:
                 out = quant_point(out, node.name + "_window")
-                out = tf.multiply(out, correction, name=unique(_safe(node.name) + "_count"))
+                if np.mean(np.isclose(correction, 1.0)) >= TIE_FULL_FRACTION:
+                    tie = names[-1]
+                out = ScaleMap(correction, quantize=quantize, name=unique(_safe(node.name) + "_count"))(out)
         elif step.kind in ("identity", "pre_affine"):
             out = tensors[node.inputs[0]]
         elif step.kind == "same_scale" and _static_reshape(node) is not None:
@@ -623,7 +638,9 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
                 float_tensors.add(tid)
             if needs_range and acts is not None and t.dtype.is_floating:
                 t = quant_point(t, node.name, step.fixed_range)
+                if tie is not None:
+                    ties.append((tie, names[-1]))
             tensors[tid] = t
     outputs = [tensors[t] for t in flat.outputs]
     model = keras.Model(inputs, outputs, name=f"{model_name}_quant" if quantize else model_name)
-    return model, probes, names, fixed
+    return model, probes, names, fixed, ties
