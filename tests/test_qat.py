@@ -192,6 +192,24 @@ def test_nested_model_and_standalone_bn_train_and_export():
     assert gap.max_error_steps <= 2.5
 
 
+def test_dropout_regularizes_qat_training_and_vanishes_at_export():
+    inp = keras.Input((8, 8, 3))
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(8, 3)(inp)))
+    x = L.Dropout(0.5, name="drop")(L.GlobalAveragePooling2D()(x))
+    model = keras.Model(inp, L.Dense(4)(x))
+    qm = qat.quantize_model(model, "int8")
+    assert any(isinstance(layer, L.Dropout) for layer in qm.layers)
+    x = np.random.default_rng(0).uniform(0, 1, (16, 8, 8, 3)).astype(np.float32)
+    a, b = qm(x, training=True).numpy(), qm(x, training=True).numpy()
+    assert not np.allclose(a, b)  # dropout active while training
+    np.testing.assert_array_equal(qm(x, training=False).numpy(), qm(x, training=False).numpy())
+    data, insp = qat.export_tflite(qm)
+    assert insp.fully_quantized
+    gap = verify.compare(qm.predict(x, verbose=0), verify.LiteRTModel(data).predict(x),
+                         output_step=verify.LiteRTModel(data).output_step())
+    assert gap.max_error_steps <= 1.5
+
+
 def test_mirrored_strategy_gives_single_device_ranges():
     """Two logical CPUs (a fresh process: devices are fixed at TensorFlow start-up)."""
     import json

@@ -615,6 +615,10 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
                 if np.mean(np.isclose(correction, 1.0)) >= TIE_FULL_FRACTION:
                     tie = names[-1]
                 out = ScaleMap(correction, quantize=quantize, name=unique(_safe(node.name) + "_count"))(out)
+        elif step.kind == "identity" and qat and quantize and isinstance(node.layer, IDENTITY):
+            # Dropout & co. regularize QAT as they did float training (identity at inference and export).
+            layer = node.layer.__class__.from_config({**node.layer.get_config(), "name": unique(_safe(node.name))})
+            out = layer(tensors[node.inputs[0]])
         elif step.kind in ("identity", "pre_affine"):
             out = tensors[node.inputs[0]]
         elif step.kind == "same_scale" and _static_reshape(node) is not None:
