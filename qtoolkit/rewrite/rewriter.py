@@ -449,7 +449,7 @@ def rewrite(model, scheme: QuantScheme, strict: bool = False, qat: bool = False,
                     "inspection)", s.node.name, type(s.node.layer).__name__)
     fused = {id(s): _fold(s) for s in steps if s.kind == "fused"}
     qmodel, _, names, fixed, ties = _build(flat, steps, fused, scheme, quantize=True, model_name=model.name,
-                                     qat=qat, ema_decay=ema_decay)
+                                           qat=qat, ema_decay=ema_decay)
     fmodel, probes, names_f, _, _ = _build(flat, steps, fused, scheme, quantize=False, model_name=model.name)
     assert names == names_f
     float_model = keras.Model(fmodel.inputs, [*fmodel.outputs, *probes], name=f"{model.name}_float_twin")
