@@ -168,13 +168,18 @@ def test_image_preprocessing_runs_as_int8_mul_and_add(per_channel):
     assert result.comparisons["simulated vs TFLite"].sqnr_db > 30
 
 
+def _avgpool_model(size, samples, in_channels=4, strides=1, padding="same"):
+    """conv 1x1 -> 3x3 average pooling -> conv 1x1 on size x size maps, and uniform data for it."""
+    keras.utils.set_random_seed(0)  # the same weights whatever ran before
+    inp = keras.Input((size, size, in_channels))
+    x = L.AveragePooling2D(3, strides=strides, padding=padding)(L.Conv2D(8, 1)(inp))
+    model = keras.Model(inp, L.Conv2D(4, 1)(x))
+    return model, np.random.default_rng(0).uniform(-1, 1, (samples, size, size, in_channels)).astype(np.float32)
+
+
 @pytest.mark.parametrize("padding", ["same", "valid"])
 def test_average_pooling_runs_as_a_delegated_depthwise_conv(padding):
-    inp = keras.Input((9, 9, 4))
-    x = L.Conv2D(8, 1)(inp)
-    x = L.AveragePooling2D(3, strides=1 if padding == "same" else 2, padding=padding)(x)
-    model = keras.Model(inp, L.Conv2D(4, 1)(x))
-    data = np.random.default_rng(0).uniform(-1, 1, (120, 9, 9, 4)).astype(np.float32)
+    model, data = _avgpool_model(9, 120, strides=1 if padding == "same" else 2, padding=padding)
     rewritten = rewrite(model, schemes.load("int8"))
     np.testing.assert_allclose(rewritten.float_model(data[:8])[0].numpy(), model(data[:8]).numpy(),
                                rtol=1e-5, atol=1e-5)
@@ -184,11 +189,13 @@ def test_average_pooling_runs_as_a_delegated_depthwise_conv(padding):
     assert result.comparisons["float vs TFLite"].sqnr_db > 30
 
 
-def _ops_and_tensors(data):
+def _single_mul(data):
+    """(interpreter, the file's one MUL op, tensor details by index)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     it = Interpreter(model_content=data, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    return it, it._get_ops_details(), {t["index"]: t for t in it.get_tensor_details()}
+    (mul,) = [op for op in it._get_ops_details() if op["op_name"] == "MUL"]
+    return it, mul, {t["index"]: t for t in it.get_tensor_details()}
 
 
 def test_average_pooling_count_map_is_stored_exactly_in_int8():
@@ -197,13 +204,9 @@ def test_average_pooling_count_map_is_stored_exactly_in_int8():
     from qtoolkit.rewrite.layers import exact_levels
 
     assert exact_levels(np.array([1.0, 1.5, 2.25])) == 112
-    inp = keras.Input((6, 6, 4))
-    x = L.AveragePooling2D(3, strides=1, padding="same")(L.Conv2D(8, 1)(inp))
-    model = keras.Model(inp, L.Conv2D(4, 1)(x))
-    data = np.random.default_rng(0).uniform(-1, 1, (80, 6, 6, 4)).astype(np.float32)
+    model, data = _avgpool_model(6, 80)
     result = ptq(model, data[:64], "int8", verification_data=data[64:], progress=False)
-    it, ops, tensors = _ops_and_tensors(result.tflite)
-    (mul,) = [op for op in ops if op["op_name"] == "MUL"]
+    it, mul, tensors = _single_mul(result.tflite)
     const = tensors[mul["inputs"][1]]
     scale, zero = const["quantization_parameters"]["scales"][0], const["quantization_parameters"]["zero_points"][0]
     stored = (it.get_tensor(const["index"]).astype(np.float32) - zero) * scale
@@ -213,8 +216,7 @@ def test_average_pooling_count_map_is_stored_exactly_in_int8():
 
 
 def _mul_io_params(data):
-    _, ops, tensors = _ops_and_tensors(data)
-    (mul,) = [op for op in ops if op["op_name"] == "MUL"]
+    _, mul, tensors = _single_mul(data)
     return [(float(tensors[i]["quantization_parameters"]["scales"][0]),
              int(tensors[i]["quantization_parameters"]["zero_points"][0])) for i in (mul["inputs"][0], mul["outputs"][0])]
 
@@ -224,12 +226,9 @@ def test_average_pooling_window_shares_the_output_range_when_most_counts_are_ful
     # The window and the output get one range (their union), so TFLite's MUL is exact there; over 6x6
     # (16 of 36 full) each keeps its own range.
     for size, tied in ((9, True), (6, False)):
-        inp = keras.Input((size, size, 4))
-        x = L.AveragePooling2D(3, strides=1, padding="same")(L.Conv2D(8, 1)(inp))
-        model = keras.Model(inp, L.Conv2D(4, 1)(x))
+        model, data = _avgpool_model(size, 80)
         rewritten = rewrite(model, schemes.load("int8"))
         assert len(rewritten.tied_points) == int(tied)
-        data = np.random.default_rng(0).uniform(-1, 1, (80, size, size, 4)).astype(np.float32)
         result = ptq(model, data[:64], "int8", verification_data=data[64:], progress=False)
         window, output = _mul_io_params(result.tflite)
         assert (window == output) == tied, (size, window, output)
@@ -239,11 +238,7 @@ def test_average_pooling_window_shares_the_output_range_when_most_counts_are_ful
 def test_average_pooling_with_one_count_everywhere_is_a_single_depthwise_conv():
     # 3x3 'same' over 2x2: every window holds the 4 inputs, so the average is one depthwise conv
     # with weights 1/4 (no count map, no extra rounding).
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((2, 2, 8))
-    x = L.AveragePooling2D(3, strides=1, padding="same")(L.Conv2D(8, 1)(inp))
-    model = keras.Model(inp, L.Conv2D(4, 1)(x))
-    data = np.random.default_rng(0).uniform(-1, 1, (80, 2, 2, 8)).astype(np.float32)
+    model, data = _avgpool_model(2, 80, in_channels=8)
     rewritten = rewrite(model, schemes.load("int8"))
     np.testing.assert_allclose(rewritten.float_model(data[:8])[0].numpy(), model(data[:8]).numpy(),
                                rtol=1e-5, atol=1e-5)
