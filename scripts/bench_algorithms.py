@@ -19,16 +19,14 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import qtoolkit  # noqa: F401  (Keras 2 before TensorFlow)
+import numpy as np
+import tf_keras as keras
 
-import qtoolkit  # noqa: E402,F401  (Keras 2 before TensorFlow)
-import numpy as np  # noqa: E402
-import tf_keras as keras  # noqa: E402
-
-from qtoolkit import datasets, export, rewrite, schemes, verify, zoo  # noqa: E402
-from qtoolkit.algorithms import cle  # noqa: E402
-from qtoolkit.callbacks import QuantizationCallback  # noqa: E402
-from qtoolkit.pipeline import ptq  # noqa: E402
+from qtoolkit import datasets, export, rewrite, schemes, verify, zoo
+from qtoolkit.algorithms import cle
+from qtoolkit.callbacks import QuantizationCallback
+from qtoolkit.pipeline import ptq
 
 HEADING = "## Beyond the paper: CLE, bias correction and AdaRound"
 CACHE = os.path.join("build", "algorithms", "mobilenet_v1_small_fmnist.keras")

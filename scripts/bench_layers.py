@@ -17,17 +17,13 @@ and qtoolkit's int8, measured alternately.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import qtoolkit  # noqa: F401  (Keras 2 before TensorFlow)
+import numpy as np
+import tf_keras as keras
 
-import qtoolkit  # noqa: E402,F401  (Keras 2 before TensorFlow)
-import numpy as np  # noqa: E402
-import tf_keras as keras  # noqa: E402
-
-from qtoolkit import export, runtime  # noqa: E402
-from qtoolkit.pipeline import ptq  # noqa: E402
+from qtoolkit import export, runtime
+from qtoolkit.pipeline import ptq
 
 L = keras.layers
 

@@ -1,4 +1,4 @@
-"""One assertion helper with named tolerances for end-to-end results."""
+"""Assertion helpers with named tolerances for end-to-end results, and a TFLite graph reader."""
 
 import numpy as np
 
@@ -31,3 +31,11 @@ def assert_quantized(result, *, per_channel=True, fully_int8=True, max_gap_steps
 def random_inputs(model, n, seed=0, low=-1.0, high=1.0):
     rng = np.random.default_rng(seed)
     return rng.uniform(low, high, (n, *model.input_shape[1:])).astype(np.float32)
+
+
+def tflite_graph(data):
+    """(interpreter, ops, tensor details by index) of a TFLite file, built-in kernels only (no delegate)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_content=data, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    return it, it._get_ops_details(), {t["index"]: t for t in it.get_tensor_details()}

@@ -7,7 +7,7 @@ import tf_keras as keras
 
 import models
 import qtoolkit
-from helpers import random_inputs
+from helpers import random_inputs, tflite_graph
 from qtoolkit import qat, verify
 from qtoolkit.callbacks import QuantizationCallback
 from qtoolkit.rewrite.qat_layers import QATFoldedConv, QATQuantizeActivation
@@ -81,13 +81,9 @@ def test_frozen_bn_stops_updating_statistics():
 
 
 def _int8_weights(data):
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    it = Interpreter(model_content=data,
-                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    tensors = {t["index"]: t for t in it.get_tensor_details()}
+    it, ops, tensors = tflite_graph(data)
     out = []
-    for op in it._get_ops_details():
+    for op in ops:
         if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
             t = tensors[op["inputs"][1]]
             w = it.get_tensor(t["index"]).astype(np.float32)

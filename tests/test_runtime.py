@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
+from helpers import tflite_graph
 from qtoolkit import convert, export, runtime, schemes
 from qtoolkit.pipeline import ptq
 from qtoolkit.rewrite import rewrite
@@ -191,11 +192,9 @@ def test_average_pooling_runs_as_a_delegated_depthwise_conv(padding):
 
 def _single_mul(data):
     """(interpreter, the file's one MUL op, tensor details by index)."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    it = Interpreter(model_content=data, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    (mul,) = [op for op in it._get_ops_details() if op["op_name"] == "MUL"]
-    return it, mul, {t["index"]: t for t in it.get_tensor_details()}
+    it, ops, tensors = tflite_graph(data)
+    (mul,) = [op for op in ops if op["op_name"] == "MUL"]
+    return it, mul, tensors
 
 
 def test_average_pooling_count_map_is_stored_exactly_in_int8():
