@@ -7,6 +7,7 @@ interpreter. Reports: Keras QAT accuracy, exported int8 accuracy, their gap,
 and the training step time. Then w4a8 (4-bit weights): float, PTQ and QAT.
 
     python scripts/bench_qat.py [--epochs 1] [--train_samples 60000] [--seeds 0,1,2] [--model mobilenet_v1_fmnist]
+                                [--bn_freeze never|half|start]
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def main():
     parser.add_argument("--train_samples", type=int, default=60000)
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; each tool is run once per seed, "
                                                       "rows are per seed plus the mean")
+    parser.add_argument("--bn_freeze", choices=("never", "half", "start"), default="never",
+                        help="int8 QAT batch-norm schedule: never frozen (default, chosen on held-out data by "
+                             "scripts/qat_bn_schedule.py), frozen half-way, or from the first step")
     parser.add_argument("--model", default="mobilenet_v1_fmnist",
                         help="a Fashion-MNIST reference model name (qtoolkit.zoo) or a .keras path")
     args = parser.parse_args()
@@ -93,16 +97,18 @@ def main():
         rows.setdefault("TFMOT quantize_model", []).append(
             (keras_acc, accuracy(verify.LiteRTModel(data).predict(x_test), y_test), ms, export.inspect(data)))
 
-        # qtoolkit's recipe: calibrated starting ranges, batch norm frozen half-way (the paper's schedule).
+        # qtoolkit's recipe: calibrated starting ranges, batch norm folded with the paper's correction;
+        # for 8 bits on a converged model never frozen (docs/qat.md, "Choosing bn_freeze_step").
         qm = qtoolkit.quantize_model(_copy(model), "int8", calibration_data=x_train[:512])
-        ms = fine_tune(qm, x, y, args.epochs, seed, [QuantizationCallback(bn_freeze_step=steps // 2)])
+        freeze = {"never": None, "half": steps // 2, "start": 0}[args.bn_freeze]
+        ms = fine_tune(qm, x, y, args.epochs, seed, [QuantizationCallback(bn_freeze_step=freeze)])
         keras_acc = accuracy(qm.predict(x_test, batch_size=512, verbose=0), y_test)
         data, insp = qtoolkit.export_tflite(qm)
         rows.setdefault("qtoolkit quantize_model", []).append(
             (keras_acc, accuracy(verify.LiteRTModel(data).predict(x_test), y_test), ms, insp))
 
     print(f"model {args.model}: float accuracy {float_acc:.4f}; {args.epochs} epoch(s) of QAT on {len(x)} images, "
-          f"seeds {args.seeds}\n")
+          f"seeds {args.seeds}; qtoolkit int8 batch norm frozen: {args.bn_freeze}\n")
     print("| tool | seed | Keras QAT accuracy | int8 TFLite accuracy | gap (points) | per-channel weights | "
           "train step ms (batch 128) |\n|---|---|---|---|---|---|---|")
     for name, runs in rows.items():
@@ -118,7 +124,8 @@ def main():
     ft_acc = float(np.mean([r[0] for r in rows["float, fine-tuned likewise (reference)"]]))
     seed = seeds[0]
 
-    # Paper table 5: 4-bit weights, 8-bit activations.
+    # Paper table 5: 4-bit weights, 8-bit activations; batch norm frozen half-way, which the 4-bit
+    # folding ablation of docs/paper_results.md favours.
     ptq4 = ptq(model, x_train[:1000], "w4a8", verification_data=x_test, labels=y_test, progress=False)
     qm4 = qtoolkit.quantize_model(_copy(model), "w4a8", calibration_data=x_train[:512])
     fine_tune(qm4, x, y, args.epochs, seed, [QuantizationCallback(bn_freeze_step=steps // 2)])
