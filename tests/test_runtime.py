@@ -247,3 +247,27 @@ def test_average_pooling_with_one_count_everywhere_is_a_single_depthwise_conv():
     # 32 elements per sample: the int8 error is the ranges' (26-35 dB over init seeds); the simulation is exact.
     assert result.comparisons["simulated vs TFLite"].sqnr_db > 45
     assert result.comparisons["float vs TFLite"].sqnr_db > 20
+
+
+def test_concatenation_inputs_share_its_range_without_requantizing():
+    """A max-pooled branch and a nested concatenation feed a concatenation (InceptionV3's blocks):
+    their ranges are tied to the concatenation's, so TFLite needs no requantizing QUANTIZE op."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 1, activation="relu")(inp)
+    pooled = L.MaxPooling2D(3, strides=1, padding="same")(x)
+    inner = L.Concatenate()([L.Conv2D(4, 1)(x), L.Conv2D(4, 3, padding="same")(x)])
+    out = L.Concatenate()([pooled, inner, L.Conv2D(4, 1, activation="relu")(x)])
+    model = keras.Model(inp, L.Conv2D(4, 1)(out))
+    data = np.random.default_rng(0).uniform(-1, 1, (140, 8, 8, 3)).astype(np.float32)
+    rewritten = rewrite(model, schemes.load("int8"))
+    assert len(rewritten.tied_points) >= 5  # 3 + 2 inputs; the outer concatenation links both groups
+    result = ptq(model, data[:100], "int8", verification_data=data[100:], progress=False)
+    assert "QUANTIZE" not in result.inspection.ops, result.inspection.ops
+    assert runtime.delegation(result.tflite).fully_delegated
+    _, ops, tensors = tflite_graph(result.tflite)
+    for op in ops:
+        if op["op_name"] == "CONCATENATION":
+            scales = {tensors[i]["quantization"] for i in [*op["inputs"], *op["outputs"]]}
+            assert len(scales) == 1, scales
+    assert result.comparisons["float vs TFLite"].sqnr_db > 30

@@ -65,9 +65,10 @@ def calibrate(rewritten, source: Source, num_samples: int, scheme: QuantScheme, 
         bar.update(batch[0].shape[0])
     bar.close()
     chosen = {name: observers[name].range() for name in names}
-    for a, b in rewritten.tied_points:
+    for group in _tie_groups(rewritten.tied_points):
         # One shared range, the union: equal scales and zero points.
-        chosen[a] = chosen[b] = (min(chosen[a][0], chosen[b][0]), max(chosen[a][1], chosen[b][1]))
+        shared = (min(chosen[n][0] for n in group), max(chosen[n][1] for n in group))
+        chosen.update({n: shared for n in group})
     ranges = {}
     for name in names:
         layer = rewritten.model.get_layer(name)
@@ -84,6 +85,24 @@ class _NoBar:
 
     def close(self):
         pass
+
+
+def _tie_groups(pairs) -> list[list[str]]:
+    """The connected groups of quantizer names linked by `pairs` (ties are transitive)."""
+    parent: dict[str, str] = {}
+
+    def root(n):
+        while parent.setdefault(n, n) != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for a, b in pairs:
+        parent[root(a)] = root(b)
+    groups: dict[str, list[str]] = {}
+    for n in parent:
+        groups.setdefault(root(n), []).append(n)
+    return list(groups.values())
 
 
 def _progress(total: int, enabled: bool):

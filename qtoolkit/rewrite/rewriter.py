@@ -76,9 +76,13 @@ class Rewritten:
       folded: one line per fused pattern, e.g. "conv1+bn1+relu1".
       float_layers: names of the layers left in float.
       tied_points: (a, b) quantizer names that calibration gives one range,
-        the union of what each observes (an average pooling's window and its
-        count-corrected output: equal scales make the MUL exact where the
-        count is full).
+        the union of what each observes (transitively): an average pooling's
+        window and its count-corrected output (equal scales make the MUL exact
+        where the count is full), and a concatenation's output and the range
+        of each input (TFLite gives a CONCATENATION's inputs its output scale;
+        an input whose range is set elsewhere — through a max pooling, or
+        another concatenation — otherwise costs a requantizing QUANTIZE op and
+        a second rounding).
     """
 
     model: keras.Model
@@ -195,6 +199,10 @@ def _avgpool_as_depthwise(layer) -> bool:
     shape = layer.input_shape if isinstance(layer, L.AveragePooling2D) else None
     return shape is not None and not isinstance(shape, list) and layer.data_format == "channels_last" \
         and all(d is not None for d in shape[1:])
+
+
+def _is_concat(node) -> bool:
+    return isinstance(node.layer, L.Concatenate) or getattr(node.layer, "symbol", None) == "concat"
 
 
 def _avgpool_correction(layer) -> np.ndarray:
@@ -490,10 +498,13 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
             return QATQuantizeActivation(quantizer, fixed_range=fixed_range, ema_decay=ema_decay, name=name)(tensor)
         return QuantizeActivation(quantizer, fixed_range=fixed_range, name=name)(tensor)
 
+    point_of = {}  # tensor id -> the calibrated quantizer that sets its range (through same-scale ops)
     for tid, (name, shape, dtype) in zip(flat.inputs, flat.input_specs):
         x = keras.Input(shape[1:], batch_size=shape[0], dtype=dtype, name=name)
         inputs.append(x)
         tensors[tid] = quant_point(x, name) if x.dtype.is_floating and acts is not None else x
+        if x.dtype.is_floating and acts is not None:
+            point_of[tid] = names[-1]
 
     consumers = flat.consumers()
     step_of = {id(s.node): s for s in steps}
@@ -644,6 +655,12 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
                 t = quant_point(t, node.name, step.fixed_range)
                 if tie is not None:
                     ties.append((tie, names[-1]))
+                if step.fixed_range is None:
+                    point_of[tid] = names[-1]
+                    if _is_concat(node):
+                        ties.extend((point_of[i], names[-1]) for i in node.inputs if i in point_of)
+            elif step.kind in ("same_scale", "identity", "pre_affine") and node.inputs and node.inputs[0] in point_of:
+                point_of[tid] = point_of[node.inputs[0]]
             tensors[tid] = t
     outputs = [tensors[t] for t in flat.outputs]
     model = keras.Model(inputs, outputs, name=f"{model_name}_quant" if quantize else model_name)
