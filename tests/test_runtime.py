@@ -170,12 +170,13 @@ def test_image_preprocessing_runs_as_int8_mul_and_add(per_channel):
 
 
 def _avgpool_model(size, samples, in_channels=4, strides=1, padding="same"):
-    """conv 1x1 -> 3x3 average pooling -> conv 1x1 on size x size maps, and uniform data for it."""
+    """conv 1x1 -> 3x3 average pooling -> conv 1x1 on size x size (or (h, w)) maps, and uniform data for it."""
+    h, w = (size, size) if isinstance(size, int) else size
     keras.utils.set_random_seed(0)  # the same weights whatever ran before
-    inp = keras.Input((size, size, in_channels))
+    inp = keras.Input((h, w, in_channels))
     x = L.AveragePooling2D(3, strides=strides, padding=padding)(L.Conv2D(8, 1)(inp))
     model = keras.Model(inp, L.Conv2D(4, 1)(x))
-    return model, np.random.default_rng(0).uniform(-1, 1, (samples, size, size, in_channels)).astype(np.float32)
+    return model, np.random.default_rng(0).uniform(-1, 1, (samples, h, w, in_channels)).astype(np.float32)
 
 
 @pytest.mark.parametrize("padding", ["same", "valid"])
@@ -198,18 +199,19 @@ def _single_mul(data):
 
 
 def test_average_pooling_count_map_is_stored_exactly_in_int8():
-    # 3x3 'same' over 6x6: counts 9 / 6 / 4, corrections 1 / 1.5 / 2.25.  The converter would store a bare
-    # constant over [0, 2.25] (1.0 -> 0.997, a 0.3% bias on every interior output); qtoolkit stores it exactly.
+    # 3x3 'same' over 11x11 (more positions than SMALL_MAP_POSITIONS): counts 9 / 6 / 4, corrections
+    # 1 / 1.5 / 2.25.  The converter would store a bare constant over [0, 2.25] (1.0 -> 0.997, a 0.3% bias
+    # on every interior output); qtoolkit stores it exactly.
     from qtoolkit.rewrite.layers import exact_levels
 
     assert exact_levels(np.array([1.0, 1.5, 2.25])) == 112
-    model, data = _avgpool_model(6, 80)
+    model, data = _avgpool_model(11, 80)
     result = ptq(model, data[:64], "int8", verification_data=data[64:], progress=False)
     it, mul, tensors = _single_mul(result.tflite)
     const = tensors[mul["inputs"][1]]
     scale, zero = const["quantization_parameters"]["scales"][0], const["quantization_parameters"]["zero_points"][0]
     stored = (it.get_tensor(const["index"]).astype(np.float32) - zero) * scale
-    counts = tf.nn.conv2d(tf.ones((1, 6, 6, 1)), tf.ones((3, 3, 1, 1)), 1, "SAME").numpy()
+    counts = tf.nn.conv2d(tf.ones((1, 11, 11, 1)), tf.ones((3, 3, 1, 1)), 1, "SAME").numpy()
     np.testing.assert_allclose(stored, 9.0 / counts, rtol=1e-6)
     assert result.comparisons["float vs TFLite"].sqnr_db > 30
 
@@ -221,10 +223,10 @@ def _mul_io_params(data):
 
 
 def test_average_pooling_window_shares_the_output_range_when_most_counts_are_full():
-    # 3x3 'same' over 9x9: 49 of 81 positions have the full count, where the MUL by the count map is 1.
-    # The window and the output get one range (their union), so TFLite's MUL is exact there; over 6x6
-    # (16 of 36 full) each keeps its own range.
-    for size, tied in ((9, True), (6, False)):
+    # 3x3 'same' over 11x11: 81 of 121 positions have the full count, where the MUL by the count map is 1.
+    # The window and the output get one range (their union), so TFLite's MUL is exact there; over 3x40
+    # (38 of 120 full) each keeps its own range.
+    for size, tied in ((11, True), ((3, 40), False)):
         model, data = _avgpool_model(size, 80)
         rewritten = rewrite(model, schemes.load("int8"))
         assert len(rewritten.tied_points) == int(tied)
@@ -232,6 +234,30 @@ def test_average_pooling_window_shares_the_output_range_when_most_counts_are_ful
         window, output = _mul_io_params(result.tflite)
         assert (window == output) == tied, (size, window, output)
         assert result.comparisons["float vs TFLite"].sqnr_db > 30
+
+
+@pytest.mark.parametrize("size", [4, 9])
+def test_average_pooling_on_a_small_map_is_one_fully_connected_over_positions(size):
+    # 3x3 'same' over 4x4 / 9x9 (InceptionV3's maps at 96x96): each output position is a column of
+    # weights 1/count, stored exactly per channel; one rounding, as TFLite's AVERAGE_POOL_2D, no MUL.
+    from qtoolkit.rewrite.rewriter import SMALL_MAP_POSITIONS, _avgpool_matrix
+
+    assert size * size <= SMALL_MAP_POSITIONS
+    model, data = _avgpool_model(size, 80)
+    rewritten = rewrite(model, schemes.load("int8"))
+    np.testing.assert_allclose(rewritten.float_model(data[:8])[0].numpy(), model(data[:8]).numpy(),
+                               rtol=1e-5, atol=1e-5)
+    result = ptq(model, data[:64], "int8", verification_data=data[64:], progress=False)
+    ops = result.inspection.ops
+    assert ops.get("FULLY_CONNECTED") == 1 and "MUL" not in ops and "AVERAGE_POOL_2D" not in ops, ops
+    assert runtime.delegation(result.tflite).fully_delegated
+    it, graph_ops, tensors = tflite_graph(result.tflite)
+    (fc,) = [op for op in graph_ops if op["op_name"] == "FULLY_CONNECTED"]
+    weights = tensors[fc["inputs"][1]]
+    scales = weights["quantization_parameters"]["scales"]
+    stored = it.get_tensor(weights["index"]).astype(np.float32) * scales[:, None]  # (out positions, in positions)
+    np.testing.assert_allclose(stored, _avgpool_matrix(model.layers[2]).T, rtol=1e-6, atol=1e-9)
+    assert result.comparisons["float vs TFLite"].sqnr_db > 30
 
 
 def test_average_pooling_with_one_count_everywhere_is_a_single_depthwise_conv():

@@ -60,6 +60,11 @@ QUANTIZED_TF_OPS = ("__operators__.add", "math.add", "math.subtract", "math.mult
 # An average pooling's window and output share one range when at least this fraction of
 # positions has the full count (the MUL by the count map is then exact there).
 TIE_FULL_FRACTION = 0.5
+# A 'same' average pooling with uneven counts over a map of at most this many positions runs
+# as one FULLY_CONNECTED over the positions (weights 1/count: one rounding, like TFLite's
+# AVERAGE_POOL_2D); larger maps use a depthwise conv and a count-map MUL (the matrix grows
+# with the square of the positions).
+SMALL_MAP_POSITIONS = 100
 FUSE_AFTER = (L.Add, L.Subtract, L.Multiply)  # TFLite fuses a following ReLU/ReLU6 into these
 
 
@@ -211,6 +216,14 @@ def _avgpool_correction(layer) -> np.ndarray:
     ones = tf.ones((1, h, w, 1))
     counts = tf.nn.conv2d(ones, tf.ones((*layer.pool_size, 1, 1)), layer.strides, layer.padding.upper())
     return (float(np.prod(layer.pool_size)) / counts.numpy()).astype(np.float32)
+
+
+def _avgpool_matrix(layer) -> np.ndarray:
+    """(H*W, Ho*Wo): the average pooling as a linear map over positions (column p: 1/count_p on its window)."""
+    _, h, w, _ = layer.input_shape
+    one_hot = tf.reshape(tf.eye(h * w), (h * w, h, w, 1))
+    pooled = tf.nn.avg_pool2d(one_hot, layer.pool_size, layer.strides, layer.padding.upper())
+    return pooled.numpy().reshape(h * w, -1).astype(np.float32)
 
 
 def _constant_multiply(node: g.Node) -> Optional[float]:
@@ -609,23 +622,42 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
             # Average pooling = depthwise conv with weights 1/count (exact in int8 per channel).
             # 'same' padding divides each output by its own count of valid inputs: when every
             # position has the same count (small maps, e.g. 3x3 over 2x2) that is the weight;
-            # otherwise a MUL by the constant window/count map follows (one more rounding).
+            # on a small map a FULLY_CONNECTED over positions holds every 1/count; otherwise a
+            # MUL by the constant window/count map follows (one more rounding).
             layer = node.layer
             channels = int(layer.input_shape[-1])
             correction = _avgpool_correction(layer)
             uniform = np.allclose(correction, correction.flat[0], rtol=1e-6, atol=0)
-            weight = (float(correction.flat[0]) if uniform else 1.0) / np.prod(layer.pool_size)
-            kernel = np.full((*layer.pool_size, channels, 1), weight, np.float32)
-            zeros = np.zeros(channels, np.float32)
-            new = folded_conv("depthwise", kernel, zeros, "linear", node.name,
-                              {"strides": layer.strides, "padding": layer.padding, "dilation_rate": (1, 1)})
-            out = new(tensors[node.inputs[0]])
-            load_folded(new, kernel, zeros)
-            if not uniform:
-                out = quant_point(out, node.name + "_window")
-                if np.mean(np.isclose(correction, 1.0)) >= TIE_FULL_FRACTION:
-                    tie = names[-1]
-                out = ScaleMap(correction, quantize=quantize, name=unique(_safe(node.name) + "_count"))(out)
+            _, h, w, _ = layer.input_shape
+            _, ho, wo, _ = layer.output_shape
+            # Per-channel weights store every column's 1/count exactly (its largest weight).
+            if not uniform and h * w <= SMALL_MAP_POSITIONS and scheme.weights is not None \
+                    and scheme.weights.granularity == "per_channel":
+                matrix = _avgpool_matrix(layer)
+                zeros = np.zeros(ho * wo, np.float32)
+                # Constant shapes with -1 for the batch: one RESHAPE each (see _static_reshape).
+                x = tf.reshape(tensors[node.inputs[0]], [-1, h * w, channels], name=unique(_safe(node.name) + "_positions"))
+                x = tf.transpose(x, [0, 2, 1], name=unique(_safe(node.name) + "_channels_first"))
+                x = tf.reshape(x, [-1, h * w], name=unique(_safe(node.name) + "_rows"))  # 2-D: no Tensordot
+                new = folded_conv("dense", matrix, zeros, "linear", node.name, {})
+                out = new(x)
+                load_folded(new, matrix, zeros)
+                out = tf.reshape(out, [-1, channels, ho * wo], name=unique(_safe(node.name) + "_unrows"))
+                out = tf.transpose(out, [0, 2, 1], name=unique(_safe(node.name) + "_channels_last"))
+                out = tf.reshape(out, [-1, ho, wo, channels], name=unique(_safe(node.name) + "_map"))
+            else:
+                weight = (float(correction.flat[0]) if uniform else 1.0) / np.prod(layer.pool_size)
+                kernel = np.full((*layer.pool_size, channels, 1), weight, np.float32)
+                zeros = np.zeros(channels, np.float32)
+                new = folded_conv("depthwise", kernel, zeros, "linear", node.name,
+                                  {"strides": layer.strides, "padding": layer.padding, "dilation_rate": (1, 1)})
+                out = new(tensors[node.inputs[0]])
+                load_folded(new, kernel, zeros)
+                if not uniform:
+                    out = quant_point(out, node.name + "_window")
+                    if np.mean(np.isclose(correction, 1.0)) >= TIE_FULL_FRACTION:
+                        tie = names[-1]
+                    out = ScaleMap(correction, quantize=quantize, name=unique(_safe(node.name) + "_count"))(out)
         elif step.kind == "identity" and qat and quantize and isinstance(node.layer, IDENTITY):
             # Dropout & co. regularize QAT as they did float training (identity at inference and export).
             layer = node.layer.__class__.from_config({**node.layer.get_config(), "name": unique(_safe(node.name))})
