@@ -636,7 +636,8 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
                 matrix = _avgpool_matrix(layer)
                 zeros = np.zeros(ho * wo, np.float32)
                 # Constant shapes with -1 for the batch: one RESHAPE each (see _static_reshape).
-                x = tf.reshape(tensors[node.inputs[0]], [-1, h * w, channels], name=unique(_safe(node.name) + "_positions"))
+                x = tf.reshape(tensors[node.inputs[0]], [-1, h * w, channels],
+                               name=unique(_safe(node.name) + "_positions"))
                 x = tf.transpose(x, [0, 2, 1], name=unique(_safe(node.name) + "_channels_first"))
                 x = tf.reshape(x, [-1, h * w], name=unique(_safe(node.name) + "_rows"))  # 2-D: no Tensordot
                 new = folded_conv("dense", matrix, zeros, "linear", node.name, {})
