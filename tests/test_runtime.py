@@ -275,6 +275,28 @@ def test_average_pooling_with_one_count_everywhere_is_a_single_depthwise_conv():
     assert result.comparisons["float vs TFLite"].sqnr_db > 20
 
 
+def test_global_pooling_over_one_position_is_a_reshape_that_keeps_the_range():
+    """InceptionV3's last map at 96x96 is 1x1: its global average pooling is a reshape, not a MEAN
+    with its own (clipped) range and a second rounding."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4, 4, 3))
+    x = L.Conv2D(16, 3, strides=2, activation="relu")(inp)  # 1x1 map
+    model = keras.Model(inp, L.Dense(5)(L.GlobalAveragePooling2D()(x)))
+    data = np.random.default_rng(0).uniform(-1, 1, (140, 4, 4, 3)).astype(np.float32)
+    rewritten = rewrite(model, schemes.load("int8"))
+    # The float twin's first output is the model's (the quantizers' inputs follow).
+    np.testing.assert_allclose(rewritten.float_model.predict(data, verbose=0)[0], model.predict(data, verbose=0),
+                               rtol=1e-5, atol=1e-5)
+    result = ptq(model, data[:100], "int8", verification_data=data[100:], progress=False)
+    assert "MEAN" not in result.inspection.ops and "QUANTIZE" not in result.inspection.ops, result.inspection.ops
+    _, ops, tensors = tflite_graph(result.tflite)
+    reshapes = [op for op in ops if op["op_name"] == "RESHAPE"]
+    assert reshapes, [op["op_name"] for op in ops]
+    for op in reshapes:
+        assert tensors[op["inputs"][0]]["quantization"] == tensors[op["outputs"][0]]["quantization"]
+    assert result.comparisons["float vs TFLite"].sqnr_db > 30
+
+
 def test_concatenation_inputs_share_its_range_without_requantizing():
     """A max-pooled branch and a nested concatenation feed a concatenation (InceptionV3's blocks):
     their ranges are tied to the concatenation's, so TFLite needs no requantizing QUANTIZE op."""

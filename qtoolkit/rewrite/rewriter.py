@@ -240,6 +240,16 @@ def _constant_multiply(node: g.Node) -> Optional[float]:
         return None
 
 
+def _pools_one_position(layer) -> bool:
+    """A global pooling over a map of one position (InceptionV3's last map at 96x96): a reshape."""
+    if not isinstance(layer, (L.GlobalAveragePooling2D, L.GlobalAveragePooling1D, L.GlobalMaxPooling2D,
+                              L.GlobalMaxPooling1D)) or isinstance(layer.input_shape, list):
+        return False
+    shape = layer.input_shape
+    pooled = shape[1:-1] if layer.data_format == "channels_last" else shape[2:]
+    return all(d == 1 for d in pooled)
+
+
 def _static_reshape(node: g.Node) -> Optional[list]:
     """[-1, *target] for a Reshape layer whose output shape is known, else None.
 
@@ -247,8 +257,11 @@ def _static_reshape(node: g.Node) -> Optional[list]:
     (SHAPE/STRIDED_SLICE/PACK before the RESHAPE in TFLite), ops XNNPACK does
     not take: EfficientNet's squeeze-excite blocks split its graph into 17
     partitions.  A constant shape with -1 for the batch is one RESHAPE.
+    A global pooling over one position is the same reshape: as a MEAN it
+    would get its own output range and requantize (InceptionV3 at 96x96 lost
+    0.5 dB there to the range calibrated on the pooled copy).
     """
-    if not isinstance(node.layer, L.Reshape) or len(node.inputs) != 1:
+    if not (isinstance(node.layer, L.Reshape) or _pools_one_position(node.layer)) or len(node.inputs) != 1:
         return None
     shape = node.layer.output_shape
     if isinstance(shape, list) or any(d is None for d in shape[1:]):
@@ -381,7 +394,7 @@ def _plan(graph: g.Graph, scheme: QuantScheme, fold_affine: bool = True) -> list
         elif isinstance(layer, IDENTITY) or _activation_name(layer) == "linear":
             steps.append(_Step("identity", node))
         elif isinstance(layer, SAME_SCALE) or (isinstance(layer, L.UpSampling2D) and layer.interpolation == "nearest") \
-                or getattr(layer, "symbol", None) in SAME_SCALE_TF_OPS:
+                or getattr(layer, "symbol", None) in SAME_SCALE_TF_OPS or _pools_one_position(layer):
             steps.append(_Step("same_scale", node))
         else:
             act = _activation_name(layer)
