@@ -11,6 +11,7 @@ all measured in this one run.
     python scripts/bench_ptq.py                      # every model, markdown table on stdout
     python scripts/bench_ptq.py --models fmnist_mobilenet --calibration_samples 1000
     python scripts/bench_ptq.py --memory             # peak RSS vs number of calibration samples
+    python scripts/bench_ptq.py --models InceptionV3 --seeds 1,2,3,4 --runs 10   # SQNR over seeded models
 
 Keras applications models are built with weights=None (no downloads here) at
 reduced resolution and are fed uniform random inputs: they show coverage,
@@ -127,6 +128,9 @@ def main():
     parser.add_argument("--verification_samples", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--memory", action="store_true", help="measure peak memory vs calibration samples")
+    parser.add_argument("--seeds", default="",
+                        help="comma-separated seeds: build each Keras applications model once per seed (seeded "
+                             "random weights) and summarize qtoolkit's SQNR minus the converter's over them")
     args = parser.parse_args()
     for item in filter(None, args.sizes.split(",")):
         name, _, size = item.partition("=")
@@ -142,18 +146,33 @@ def main():
     print(f"# {tf.__version__=}, calibration samples {args.calibration_samples}, "
           f"{os.cpu_count()} CPUs\n")
     header = None
+    seeds = [int(s) for s in args.seeds.split(",") if s] or [None]
+    differences = {}
     for name in args.models.split(","):
         if name in APPS:
             print(f"<!-- {name} at {APPS[name]}x{APPS[name]} -->")
-        rows, gap, lat = bench(name, args.calibration_samples, args.verification_samples, args.runs)
-        if header is None:
-            header = ["model", "tool", *next(iter(rows.values()))]
-            print("| " + " | ".join(header) + " |")
-            print("|" + "---|" * len(header))
-        for tool, row in rows.items():
-            print(f"| {name} | {tool} | " + " | ".join(row.values()) + " |", flush=True)
-        print(f"<!-- {name}: simulation gap {gap:.2f} output steps; float latency "
-              f"{lat[('float', 1)]:.2f} ms (1T) {lat[('float', 2)]:.2f} ms (2T) -->", flush=True)
+        for seed in seeds:
+            if seed is not None:
+                keras.utils.set_random_seed(seed)
+            label = name if seed is None else f"{name} seed {seed}"
+            rows, gap, lat = bench(name, args.calibration_samples, args.verification_samples, args.runs)
+            if header is None:
+                header = ["model", "tool", *next(iter(rows.values()))]
+                print("| " + " | ".join(header) + " |")
+                print("|" + "---|" * len(header))
+            for tool, row in rows.items():
+                print(f"| {label} | {tool} | " + " | ".join(row.values()) + " |", flush=True)
+            print(f"<!-- {label}: simulation gap {gap:.2f} output steps; float latency "
+                  f"{lat[('float', 1)]:.2f} ms (1T) {lat[('float', 2)]:.2f} ms (2T) -->", flush=True)
+            differences.setdefault(name, []).append(
+                float(rows["qtoolkit"]["SQNR dB"]) - float(rows["converter PTQ"]["SQNR dB"]))
+    if len(seeds) > 1:
+        print("\n| model | seeds | SQNR qtoolkit - converter, dB: mean | standard error | min | max |")
+        print("|---|---|---|---|---|---|")
+        for name, d in differences.items():
+            d = np.array(d)
+            print(f"| {name} | {len(d)} | {d.mean():+.2f} | {d.std(ddof=1) / np.sqrt(len(d)):.2f} | "
+                  f"{d.min():+.2f} | {d.max():+.2f} |")
 
 
 if __name__ == "__main__":
