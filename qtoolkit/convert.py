@@ -25,14 +25,16 @@ from qtoolkit import _env  # noqa: F401  (before TensorFlow)
 
 from absl import app, flags
 
+from qtoolkit import schemes  # plain data and YAML: no TensorFlow
+
 _MODEL = flags.DEFINE_string("model", None, "SavedModel folder, .keras or .h5 file (tf_keras / Keras 2).")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the .tflite (atomically).")
 _CALIBRATION = flags.DEFINE_string(
     "calibration_data", None,
     ".npy (samples on axis 0, preprocessed as the model expects), .npz (one array per input name) "
     "or a folder of images.")
-_SCHEME = flags.DEFINE_string("scheme", "int8", "Preset name (int8, int8_per_tensor, int16x8, weight_only_int8, "
-                              "w4a8, w8a4) or a scheme .yaml file.")
+_SCHEME = flags.DEFINE_string("scheme", "int8", f"Preset name ({', '.join(schemes.preset_names())}) "
+                              "or a scheme .yaml file.")
 _REPORT = flags.DEFINE_string("report", None, "Write the inspection and verification report as JSON here.")
 _NUM_CAL = flags.DEFINE_integer("num_calibration_samples", None,
                                 "Calibration samples (default: up to 500, leaving the verification samples).")
@@ -131,8 +133,6 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
         model = LoadedModel("<in memory>", model, "keras")
     # Written only after the runtime guard (below) passed.
     if algorithms:
-        from qtoolkit import schemes
-
         scheme = schemes.load(scheme).replace(algorithms=algorithms)
     result = pipeline.ptq(
         model, calibration_data, scheme, None, num_calibration_samples=num_calibration_samples,

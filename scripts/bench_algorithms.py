@@ -5,9 +5,10 @@ images, same calibration samples), all measured in this one run:
 
     python scripts/bench_algorithms.py                        # trains/caches build/algorithms/mobilenet_v1_small_fmnist.keras
     python scripts/bench_algorithms.py --model ref.keras --dataset fashion_mnist --qat_epochs 0
-    python scripts/bench_algorithms.py --write docs/paper_results.md
+    python scripts/bench_algorithms.py --model zoo:mobilenet_v1_fmnist,zoo:mobilenet_v1_dead_fmnist --write docs/paper_results.md
 
-The table goes to stdout and, with --write, replaces the section
+--model takes comma-separated .keras paths or zoo:NAME reference models (one
+table each). The tables go to stdout and, with --write, replace the section
 "## Beyond the paper: CLE, bias correction and AdaRound" of that file
 (created if missing), written atomically.
 """
@@ -56,7 +57,9 @@ def scheme(name, **algorithms):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="a trained .keras model (default: train and cache one)")
+    parser.add_argument("--model", default=None,
+                        help="comma-separated trained .keras models or zoo:NAME reference models, one table each "
+                             "(default: train and cache one)")
     parser.add_argument("--dataset", default="fashion_mnist")
     parser.add_argument("--train_epochs", type=int, default=3)
     parser.add_argument("--calibration_samples", type=int, default=500)
@@ -65,10 +68,35 @@ def main():
     parser.add_argument("--write", default=None, help="markdown file whose section to replace")
     args = parser.parse_args()
 
-    model, path = reference_model(args.model, args.dataset, args.train_epochs)
     (x_train, y_train), (x_test, y_test) = datasets.load(args.dataset)
     x_cal = x_train[:args.calibration_samples]
     x_ver, y_ver = x_test[:args.test_samples], y_test[:args.test_samples]
+    lines = [HEADING, "",
+             f"Produced by `{' '.join(['python scripts/bench_algorithms.py', *sys.argv[1:]])}` ({args.dataset}, "
+             f"{len(x_cal)} calibration images from the training set, accuracy of the exported int8 TFLite model in "
+             f"the LiteRT interpreter on {len(x_ver)} test images; SQNR of the logits against the float model)."]
+    for spec in (args.model.split(",") if args.model else [None]):
+        if spec is not None and spec.startswith("zoo:"):
+            model, path = zoo.load(spec[4:]), zoo.reference(spec[4:]).path
+        else:
+            model, path = reference_model(spec, args.dataset, args.train_epochs)
+        lines += ["", *bench_model(model, path, args, x_train, y_train, x_cal, x_ver, y_ver)]
+    table = "\n".join(lines) + "\n"
+    print("\n" + table)
+    if args.write:
+        text = open(args.write, encoding="utf-8").read() if os.path.exists(args.write) else ""
+        if HEADING in text:
+            start = text.index(HEADING)
+            end = text.find("\n## ", start + len(HEADING))
+            text = text[:start] + table + (text[end + 1:] if end >= 0 else "")
+        else:
+            text = (text.rstrip() + "\n\n" if text.strip() else "") + table
+        export.write_atomic(args.write, text.encode("utf-8"))
+
+
+def bench_model(model, path, args, x_train, y_train, x_cal, x_ver, y_ver):
+    """Every recipe on one model; returns its markdown subsection."""
+    print(f"# {os.path.basename(path)}", flush=True)
     float_acc = accuracy(verify.predict_keras(model, x_ver), y_ver)
 
     # The float function CLE quantizes: ReLU6 of equalized pairs replaced by ReLU.
@@ -79,6 +107,8 @@ def main():
 
     rows = [
         ("W8A8 per-tensor, plain PTQ", scheme("int8_per_tensor"), "int8_per_tensor"),
+        ("W8A8 per-tensor + BC (empirical), no CLE", scheme("int8_per_tensor", bias_correction="empirical"),
+         "int8_per_tensor"),
         ("W8A8 per-tensor + CLE", scheme("int8_per_tensor", cle=True), "int8_per_tensor"),
         ("W8A8 per-tensor + CLE + BC (empirical)", scheme("int8_per_tensor", cle=True, bias_correction="empirical"),
          "int8_per_tensor"),
@@ -140,11 +170,7 @@ def main():
         qat = (*qat, accuracy(verify.predict_keras(tuned, x_ver), y_ver))
         print(f"float, same fine-tuning: accuracy {qat[2]:.4f}", flush=True)
 
-    lines = [HEADING, "",
-             f"Produced by `{' '.join(['python scripts/bench_algorithms.py', *sys.argv[1:]])}` on "
-             f"`{os.path.basename(path)}` ({args.dataset}, {len(x_cal)} calibration images from the training set, "
-             f"accuracy of the exported int8 TFLite model in the LiteRT interpreter on {len(x_ver)} test images; "
-             "SQNR of the logits against the float model).", "",
+    lines = [f"### {os.path.basename(path)}", "",
              f"Float model: **{100 * float_acc:.2f}%**. Float model with the ReLU6 of equalized pairs replaced by "
              f"ReLU (what CLE quantizes, see docs/algorithms.md): {100 * relu_acc:.2f}%.", "",
              "| recipe | accuracy | vs float (points) | SQNR (dB) | same ops as plain PTQ | algorithm time (s) |",
@@ -158,17 +184,7 @@ def main():
                      f"{100 * qat[0]:.2f} | {100 * (qat[0] - float_acc):+.2f} | - | - | {qat[1]:.1f} (training) |")
         lines.append(f"| float, same fine-tuning (reference for the QAT row) | {100 * qat[2]:.2f} | "
                      f"{100 * (qat[2] - float_acc):+.2f} | - | - | - |")
-    table = "\n".join(lines) + "\n"
-    print("\n" + table)
-    if args.write:
-        text = open(args.write, encoding="utf-8").read() if os.path.exists(args.write) else ""
-        if HEADING in text:
-            start = text.index(HEADING)
-            end = text.find("\n## ", start + len(HEADING))
-            text = text[:start] + table + (text[end + 1:] if end >= 0 else "")
-        else:
-            text = (text.rstrip() + "\n\n" if text.strip() else "") + table
-        export.write_atomic(args.write, text.encode("utf-8"))
+    return lines
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def main(argv=None):
         model = ref.build(x_train.shape[1:], 10, name=name)
         epochs = args.epochs or ref.epochs
         t0 = time.perf_counter()
-        accuracy = zoo.train(model, ref.dataset, epochs=epochs, batch_size=ref.batch_size, seed=args.seed)
+        accuracy = zoo.train(model, ref.dataset, epochs=epochs, batch_size=ref.batch_size, seed=args.seed,
+                             learning_rate=ref.learning_rate)
         seconds = time.perf_counter() - t0
         os.makedirs(zoo.WEIGHTS_DIR, exist_ok=True)
         tmp = ref.path + ".tmp.keras"
@@ -46,7 +47,8 @@ def main(argv=None):
         clean.save(tmp)
         os.replace(tmp, ref.path)
         manifest[name] = {"architecture": name.rsplit("_", 1)[0], "dataset": ref.dataset, "epochs": epochs,
-                          "seed": args.seed, "batch_size": ref.batch_size, "test_accuracy": round(accuracy, 4),
+                          "seed": args.seed, "batch_size": ref.batch_size,
+                          "learning_rate": ref.learning_rate, "test_accuracy": round(accuracy, 4),
                           "test_samples": int(len(x_test)), "parameters": int(model.count_params()),
                           "train_seconds": round(seconds, 1)}
         print(f"{name}: test accuracy {accuracy:.4f} after {epochs} epochs ({seconds:.0f} s, "

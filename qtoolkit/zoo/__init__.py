@@ -3,7 +3,12 @@
 Three architectures — MobileNet-v1-style (depthwise separable, BN, ReLU6),
 MobileNet-v2-style (inverted residuals, linear bottlenecks) and ResNet-style
 (basic residual blocks) — trained on Fashion-MNIST and on scikit-learn's
-digits by `scripts/train_reference.py` with fixed seeds. The trained weights
+digits by `scripts/train_reference.py` with fixed seeds. One more,
+`mobilenet_v1_dead_fmnist`, is the MobileNet-v1-style model trained as the
+ImageNet MobileNets' per-tensor failure needs: batch norm with PyTorch's
+epsilon (1e-5) and a 10x learning rate leave dead channels (batch variance
+~1e-12), whose folded depthwise kernels are hundreds of times wider than the
+live channels' (docs/algorithms.md: what cross-layer equalization is for). The trained weights
 are committed in `qtoolkit/zoo/weights/` (a few hundred KB), so the
 regression job and the paper reproduction never retrain:
 
@@ -32,12 +37,12 @@ WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"
 MANIFEST = os.path.join(WEIGHTS_DIR, "manifest.json")
 
 
-def _conv_bn(x, filters, kernel, stride, name, activation="relu6", depthwise=False):
+def _conv_bn(x, filters, kernel, stride, name, activation="relu6", depthwise=False, epsilon=1e-3):
     if depthwise:
         x = L.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False, name=name)(x)
     else:
         x = L.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False, name=name)(x)
-    x = L.BatchNormalization(name=f"{name}_bn")(x)
+    x = L.BatchNormalization(epsilon=epsilon, name=f"{name}_bn")(x)
     if activation == "relu6":
         x = L.ReLU(6.0, name=f"{name}_relu6")(x)
     elif activation == "relu":
@@ -45,13 +50,13 @@ def _conv_bn(x, filters, kernel, stride, name, activation="relu6", depthwise=Fal
     return x
 
 
-def mobilenet_v1_small(input_shape=(28, 28, 1), classes=10, width=32, name="mobilenet_v1_small"):
+def mobilenet_v1_small(input_shape=(28, 28, 1), classes=10, width=32, name="mobilenet_v1_small", bn_epsilon=1e-3):
     """Conv-BN-ReLU6 stem, four depthwise-separable blocks (BN, ReLU6), GAP, dense."""
     inp = keras.Input(input_shape, name="image")
-    x = _conv_bn(inp, width, 3, 1, "stem")
+    x = _conv_bn(inp, width, 3, 1, "stem", epsilon=bn_epsilon)
     for i, (filters, stride) in enumerate([(width * 2, 2), (width * 2, 1), (width * 4, 2), (width * 4, 1)]):
-        x = _conv_bn(x, None, 3, stride, f"dw{i}", depthwise=True)
-        x = _conv_bn(x, filters, 1, 1, f"pw{i}")
+        x = _conv_bn(x, None, 3, stride, f"dw{i}", depthwise=True, epsilon=bn_epsilon)
+        x = _conv_bn(x, filters, 1, 1, f"pw{i}", epsilon=bn_epsilon)
     x = L.GlobalAveragePooling2D(name="gap")(x)
     out = L.Dense(classes, name="logits")(x)
     return keras.Model(inp, out, name=name)
@@ -101,6 +106,7 @@ class Reference:
     dataset: str
     epochs: int
     batch_size: int
+    learning_rate: float = 2e-3
 
     @property
     def path(self) -> str:
@@ -113,6 +119,18 @@ _BATCH = {"fashion_mnist": 128, "digits": 32}  # digits has 1,437 training image
 _SHORT = {"fashion_mnist": "fmnist", "digits": "digits"}
 REFERENCE = {f"{arch}_{_SHORT[ds]}": Reference(f"{arch}_{_SHORT[ds]}", build, ds, _EPOCHS[ds], _BATCH[ds])
              for ds in ("fashion_mnist", "digits") for arch, build in ARCHITECTURES.items()}
+
+
+def mobilenet_v1_dead(input_shape=(28, 28, 1), classes=10, name="mobilenet_v1_dead"):
+    """mobilenet_v1_small with PyTorch's batch-norm epsilon (1e-5); trained at Adam 2e-2 it has dead channels."""
+    return mobilenet_v1_small(input_shape, classes, name=name, bn_epsilon=1e-5)
+
+
+# Dead channels: a channel the ReLU6 before it never lets through has batch variance ~0, so its folded
+# depthwise kernel is scaled by 1/sqrt(epsilon) (316 at 1e-5), the live channels' by ~1/sigma_B.
+REFERENCE["mobilenet_v1_dead_fmnist"] = Reference("mobilenet_v1_dead_fmnist", mobilenet_v1_dead, "fashion_mnist",
+                                                  _EPOCHS["fashion_mnist"], _BATCH["fashion_mnist"],
+                                                  learning_rate=2e-2)
 
 
 class ReferenceUnavailable(RuntimeError):
