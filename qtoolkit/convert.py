@@ -64,6 +64,9 @@ _BUDGET_SQNR = flags.DEFINE_float(
 _CLE = flags.DEFINE_bool("cle", None, "Cross-layer equalization (default: the scheme's algorithms.cle).")
 _CLE_RELU6 = flags.DEFINE_enum("cle_relu6", None, ["relu", "skip"],
                                "ReLU6 of an equalized pair: replace it by ReLU, or skip such pairs.")
+_HIGH_BIAS = flags.DEFINE_bool("high_bias_absorption", None,
+                               "High-bias absorption: move each ReLU channel's always-on bias into the next layer "
+                               "(after CLE), narrowing the activation range.")
 _BIAS_CORRECTION = flags.DEFINE_enum("bias_correction", None, ["none", "empirical", "analytic"],
                                      "Bias correction of the weight-quantization shift (empirical: calibration "
                                      "data; analytic: batch-norm statistics).")
@@ -283,7 +286,8 @@ def _run_from_flags():
 
 def _algorithm_flags() -> dict:
     """The algorithm flags given on the command line, as scheme `algorithms` keys."""
-    given = {"cle": _CLE.value, "cle_relu6": _CLE_RELU6.value, "bias_correction": _BIAS_CORRECTION.value,
+    given = {"cle": _CLE.value, "cle_relu6": _CLE_RELU6.value, "high_bias_absorption": _HIGH_BIAS.value,
+             "bias_correction": _BIAS_CORRECTION.value,
              "adaround": _ADAROUND.value, "adaround_iterations": _ADAROUND_ITERATIONS.value}
     return {k: v for k, v in given.items() if v is not None}
 

@@ -169,7 +169,7 @@ def ptq(model: Any, calibration_data: Any, scheme: Any = "int8", output: Optiona
         log(f"calibrating {len(rewritten.quant_points)} activation ranges ({scheme.activations.method}) "
             f"on {n_cal} samples")
         algo = scheme.algorithms
-        algo_report = algorithms.before_calibration(rewritten, algo)
+        algo_report = algorithms.before_calibration(rewritten, algo, keras_model)
         cal_source, cal_inputs = source, None
         if algorithms.needs_data(algo):
             cal_inputs = source.collect(n_cal)  # held for AdaRound / bias correction

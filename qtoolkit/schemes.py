@@ -87,6 +87,8 @@ class Algorithms:
     Attributes:
       cle: cross-layer equalization of consecutive conv layers.
       cle_relu6: "relu" (an equalized pair's ReLU6 becomes ReLU) or "skip" (pairs through ReLU6 are left alone).
+      high_bias_absorption: move each ReLU channel's always-on bias share, max(0, beta - 3|gamma|) from its
+        batch norm, into the next layer (after CLE when both are on); exact where the next layer has no padding.
       bias_correction: "none", "empirical" (calibration data) or "analytic" (batch-norm statistics).
       adaround: learned rounding of the weights, layer by layer on calibration data.
       adaround_iterations: optimisation steps per layer.
@@ -95,6 +97,7 @@ class Algorithms:
 
     cle: bool = False
     cle_relu6: str = "relu"
+    high_bias_absorption: bool = False
     bias_correction: str = "none"
     adaround: bool = False
     adaround_iterations: int = 1000
@@ -248,7 +251,7 @@ def _check_algorithms(scheme: QuantScheme, source: str) -> None:
                           f"got {algo.adaround_iterations}")
     if not algo.adaround_reg >= 0.0:
         raise SchemeError(f"{source}: algorithms.adaround_reg must be >= 0, got {algo.adaround_reg}")
-    uses = algo.cle or algo.adaround or algo.bias_correction != "none"
+    uses = algo.cle or algo.high_bias_absorption or algo.adaround or algo.bias_correction != "none"
     if uses and (scheme.activations is None or scheme.activations.bits == 16):
         raise SchemeError(f"{source}: algorithms (cle, bias_correction, adaround) need qtoolkit's fake-quant path; "
                           "they do not apply to weight-only or int16x8 schemes")

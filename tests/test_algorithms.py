@@ -122,6 +122,38 @@ def _pre_activation_shift(rw, x, quantized_inputs):
     return out
 
 
+def test_high_bias_absorption_moves_always_on_bias_into_the_next_layer_and_keeps_the_function():
+    """Nagel et al. 2019, 4.1.1: a ReLU channel whose pre-activation stays above c = beta - 3|gamma|
+    gives c to the next layer (W2 c in its bias); only channels with beta > 3|gamma| move."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 6, 1))
+    x = L.Conv2D(4, 1, use_bias=False, name="conv")(inp)
+    x = L.ReLU(name="relu")(L.BatchNormalization(name="bn")(x))
+    x = L.Conv2D(3, 1, name="pw")(x)  # no padding: absorption is exact for every value above c
+    model = keras.Model(inp, L.Dense(2, name="logits")(L.GlobalAveragePooling2D()(x)))
+    data = np.random.default_rng(0).uniform(-1, 1, (64, 6, 6, 1)).astype(np.float32)
+    # Batch-norm statistics of this data: standardized uniform inputs stay within +-1.74 sigma (> -3).
+    pre = model.get_layer("conv")(data).numpy().reshape(-1, 4)
+    beta, gamma = np.array([5.0, 0.2, 3.0, -1.0], np.float32), np.full(4, 0.5, np.float32)
+    model.get_layer("bn").set_weights([gamma, beta, pre.mean(0), pre.var(0)])
+    rw = rewrite.rewrite(model, schemes.load("int8_per_tensor"))
+    before = _float(rw, data)
+    pw_bias = rw.float_model.get_layer("pw").bias.numpy().copy()
+    stats = bias_correction.batch_norm_stats(model, rw)
+    moved = cle.absorb_high_bias(rw, stats)
+    np.testing.assert_allclose(moved["conv"], np.maximum(0, beta - 3 * gamma), rtol=1e-6)  # channels 0 and 2
+    kernel = rw.float_model.get_layer("pw").kernel.numpy()[0, 0]
+    np.testing.assert_allclose(rw.float_model.get_layer("pw").bias.numpy() - pw_bias, moved["conv"] @ kernel,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rw.model.get_layer("conv").bias.numpy(), rw.float_model.get_layer("conv").bias.numpy())
+    np.testing.assert_allclose(_float(rw, data), before, atol=FLOAT_ATOL)
+    # Through the pipeline (scheme key), reported; the int8 model still matches float.
+    scheme = schemes.load("int8_per_tensor").replace(algorithms={"high_bias_absorption": True})
+    result = ptq(model, data, scheme, verification_data=data, progress=False)
+    assert any("high_bias_absorption {'layers': 1, 'channels': 2" in n for n in result.notes), result.notes
+    assert result.comparisons["float vs TFLite"].sqnr_db > 30
+
+
 def _folded_depthwise_range_ratios(model):
     """Largest over smallest per-channel |weight| range of each depthwise kernel folded with its batch norm."""
     ratios = []

@@ -1,7 +1,7 @@
 """Post-training algorithms that change only weights, biases and ranges.
 
     from qtoolkit import algorithms
-    algorithms.before_calibration(rewritten, scheme.algorithms)            # CLE
+    algorithms.before_calibration(rewritten, scheme.algorithms, model)     # CLE, high-bias absorption
     algorithms.after_calibration(rewritten, scheme.algorithms, x, model)   # AdaRound, bias correction
 
 Order (as the papers recommend): cross-layer equalization on the float
@@ -21,7 +21,7 @@ from qtoolkit.algorithms import cle as _cle
 
 def needs_rewrite(options) -> bool:
     """True when any algorithm is enabled (they all work on qtoolkit's rewritten model)."""
-    return options.cle or options.adaround or options.bias_correction != "none"
+    return options.cle or options.high_bias_absorption or options.adaround or options.bias_correction != "none"
 
 
 def needs_data(options) -> bool:
@@ -29,14 +29,22 @@ def needs_data(options) -> bool:
     return options.adaround or options.bias_correction == "empirical"
 
 
-def before_calibration(rewritten, options) -> dict:
-    """Cross-layer equalization (if enabled). Returns a report dict."""
+def before_calibration(rewritten, options, model=None) -> dict:
+    """Cross-layer equalization, then high-bias absorption (each if enabled). Returns a report dict.
+
+    `model` is the original Keras model (its batch norms give absorption's statistics).
+    """
     report = {}
     if options.cle:
         t0 = time.perf_counter()
         scales = _cle.equalize(rewritten, relu6=options.cle_relu6)
         report["cle"] = {"pairs": len(scales), "seconds": time.perf_counter() - t0}
         report["cle_scales"] = scales
+    if options.high_bias_absorption:
+        t0 = time.perf_counter()
+        moved = _cle.absorb_high_bias(rewritten, _bc.batch_norm_stats(model, rewritten, report.get("cle_scales")))
+        report["high_bias_absorption"] = {"layers": len(moved), "channels": int(sum((c > 0).sum() for c in moved.values())),
+                                          "seconds": time.perf_counter() - t0}
     return report
 
 

@@ -3,6 +3,7 @@ weight equalization and bias correction", section 4.1).
 
     pairs = cle.find_pairs(rewritten.model, relu6="relu")
     scales = cle.equalize(rewritten, relu6="relu")   # rescales both models in place
+    absorbed = cle.absorb_high_bias(rewritten, stats) # then moves large biases into the next layer
 
 For two consecutive layers y = f(W2 f(W1 x + b1) + b2) with f positively
 homogeneous (linear, ReLU), dividing output channel c of W1 (and b1) by s_c
@@ -14,6 +15,13 @@ scaling (its clip would have to become 6 / s_c per channel, which a TFLite
 fused activation cannot express): `relu6="relu"` replaces the ReLU6 of an
 equalized pair with ReLU (as AIMET and the paper do for MobileNetV2),
 `relu6="skip"` leaves such pairs alone.
+
+High-bias absorption (section 4.1.1): equalizing can leave a channel with a
+large positive pre-activation mean beta (batch norm's shift, divided by s_c),
+which widens the activation's range. Where a ReLU channel's pre-activation
+z ~ N(beta, gamma^2) stays above c = max(0, beta - 3 |gamma|), relu(z) =
+relu(z - c) + c, so c leaves the first layer's bias and W2 c enters the
+second's; the function changes only for the ~0.1% of values below c.
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ RELU6_POLICIES = ("relu", "skip")
 # Layers between the two convs of a pair that commute with a positive per-channel scale.
 _PASS_THROUGH = (keras.layers.GlobalAveragePooling2D, keras.layers.ZeroPadding2D, keras.layers.MaxPooling2D,
                  keras.layers.AveragePooling2D, QuantizeActivation)
+# Of those, the ones that commute with adding a per-channel constant (zero padding does not).
+_SHIFT_THROUGH = (keras.layers.GlobalAveragePooling2D, keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
+                  QuantizeActivation)
 
 
 def output_ranges(kind: str, kernel: np.ndarray) -> np.ndarray:
@@ -101,8 +112,8 @@ def _flat(tensors):
     return list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
 
 
-def _next_conv(layer, readers):
-    """The single FoldedConv reading `layer`'s output (through pass-through layers), or None."""
+def _next_conv(layer, readers, through=_PASS_THROUGH):
+    """The single FoldedConv reading `layer`'s output (through `through` layers), or None."""
     tensor = layer.output
     while True:
         users = readers.get(id(tensor), [])
@@ -111,9 +122,58 @@ def _next_conv(layer, readers):
         nxt, node = users[0]
         if isinstance(nxt, FoldedConv):
             return nxt
-        if not isinstance(nxt, _PASS_THROUGH):
+        if not isinstance(nxt, through):
             return None
         tensor = _flat(node.output_tensors)[0]
+
+
+def constant_response(kind: str, kernel: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """What a layer's kernel adds to each output for the constant input c (per input channel), no padding."""
+    if kind == "dense":
+        return c @ kernel
+    if kind == "depthwise":
+        return (kernel.sum(axis=(0, 1)) * c[:, None]).reshape(-1)
+    return np.einsum("hwio,i->o", kernel, c)
+
+
+def absorb_high_bias(rewritten, stats: dict, n_sigma: float = 3.0) -> dict[str, np.ndarray]:
+    """High-bias absorption into the next layer, in place on both models (see module docstring).
+
+    Applied to ReLU layers whose output reaches one FoldedConv through pooling
+    or quantizers only, where the second layer sees no padding (1x1 kernels,
+    'valid' padding, dense): there it is exact for every value above c.
+
+    Args:
+      rewritten: qtoolkit.rewrite result (after `equalize`, so ReLU6 pairs are ReLU).
+      stats: FoldedConv name -> (beta, |gamma|) of its pre-activation, as
+        `bias_correction.batch_norm_stats` (divided by the CLE scales).
+      n_sigma: c = max(0, beta - n_sigma |gamma|).
+
+    Returns:
+      first layer name -> the per-channel constant c moved (channels with c > 0 only counted).
+    """
+    twin, qmodel = rewritten.float_model, rewritten.model
+    readers = _consumers(qmodel)
+    model_outputs = {id(t) for t in qmodel.outputs}
+    moved = {}
+    for layer in qmodel.layers:
+        if not isinstance(layer, FoldedConv) or layer.activation != "relu" or layer.name not in stats \
+                or id(layer.output) in model_outputs:
+            continue
+        nxt = _next_conv(layer, readers, _SHIFT_THROUGH)
+        if nxt is None or (nxt.kind != "dense" and nxt.padding != "valid" and tuple(nxt.kernel_shape[:2]) != (1, 1)):
+            continue
+        beta, gamma = stats[layer.name]
+        c = np.maximum(0.0, beta - n_sigma * gamma)
+        if not np.any(c > 0):
+            continue
+        a, b = twin.get_layer(layer.name), twin.get_layer(nxt.name)
+        a.bias.assign((a.bias.numpy() - c).astype(np.float32))
+        b.bias.assign((b.bias.numpy() + constant_response(b.kind, b.kernel.numpy(), c)).astype(np.float32))
+        for name in (layer.name, nxt.name):
+            qmodel.get_layer(name).bias.assign(twin.get_layer(name).bias.numpy())
+        moved[layer.name] = c
+    return moved
 
 
 def find_pairs(model: keras.Model, relu6: str = "relu") -> list[tuple[str, str]]:
