@@ -253,7 +253,8 @@ def _check_algorithms(scheme: QuantScheme, source: str) -> None:
         raise SchemeError(f"{source}: algorithms.adaround_reg must be >= 0, got {algo.adaround_reg}")
     uses = algo.cle or algo.high_bias_absorption or algo.adaround or algo.bias_correction != "none"
     if uses and (scheme.activations is None or scheme.activations.bits == 16):
-        raise SchemeError(f"{source}: algorithms (cle, bias_correction, adaround) need qtoolkit's fake-quant path; "
+        raise SchemeError(f"{source}: algorithms (cle, high_bias_absorption, bias_correction, adaround) need "
+                          "qtoolkit's fake-quant path; "
                           "they do not apply to weight-only or int16x8 schemes")
     if algo.adaround and not scheme.weights.symmetric:
         raise SchemeError(f"{source}: algorithms.adaround needs weights.symmetric: true")

@@ -180,10 +180,11 @@ def test_cle_rescues_per_tensor_weights_where_dead_channels_make_them_collapse()
     x, y = x_test[:2000], y_test[:2000]
     float_acc = float(np.mean(model.predict(x, batch_size=500, verbose=0).argmax(1) == y))
     per_tensor = schemes.load("int8_per_tensor")
+    recipes = {"plain": per_tensor,
+               "cle+bc": per_tensor.replace(algorithms={"cle": True, "bias_correction": "empirical"})}
     results = {name: ptq(model, x_train[:500], s, verification_data=x, labels=y, num_verification_samples=len(x),
                          progress=False).comparisons["float vs TFLite"].candidate_accuracy
-               for name, s in (("plain", per_tensor),
-                               ("cle+bc", per_tensor.replace(algorithms={"cle": True, "bias_correction": "empirical"})))}
+               for name, s in recipes.items()}
     assert results["plain"] < float_acc - 0.3, (float_acc, results)  # collapsed (measured: 91.9% -> ~29%)
     assert results["cle+bc"] > float_acc - 0.01, (float_acc, results)
 

@@ -43,7 +43,8 @@ def before_calibration(rewritten, options, model=None) -> dict:
     if options.high_bias_absorption:
         t0 = time.perf_counter()
         moved = _cle.absorb_high_bias(rewritten, _bc.batch_norm_stats(model, rewritten, report.get("cle_scales")))
-        report["high_bias_absorption"] = {"layers": len(moved), "channels": int(sum((c > 0).sum() for c in moved.values())),
+        channels = int(sum((c > 0).sum() for c in moved.values()))
+        report["high_bias_absorption"] = {"layers": len(moved), "channels": channels,
                                           "seconds": time.perf_counter() - t0}
     return report
 
