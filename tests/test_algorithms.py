@@ -155,16 +155,11 @@ def test_high_bias_absorption_moves_always_on_bias_into_the_next_layer_and_keeps
 
 
 def _folded_depthwise_range_ratios(model):
-    """Largest over smallest per-channel |weight| range of each depthwise kernel folded with its batch norm."""
-    ratios = []
-    for layer in model.layers:
-        if isinstance(layer, L.DepthwiseConv2D):
-            bn = model.get_layer(layer.name + "_bn")
-            gamma, _, _, var = (w.numpy() for w in bn.weights)
-            kernel = layer.depthwise_kernel.numpy()[..., 0] * gamma / np.sqrt(var + bn.epsilon)
-            ranges = np.abs(kernel).reshape(-1, kernel.shape[-1]).max(0)
-            ratios.append(ranges.max() / ranges.min())
-    return ratios
+    """Largest over smallest per-channel |weight| range of each depthwise kernel, as the rewriter folds it."""
+    twin = rewrite.rewrite(model, schemes.load("int8")).float_model
+    ranges = [cle.output_ranges("depthwise", layer.kernel.numpy()) for layer in twin.layers
+              if isinstance(layer, FoldedConv) and layer.kind == "depthwise"]
+    return [r.max() / r.min() for r in ranges]
 
 
 def test_cle_rescues_per_tensor_weights_where_dead_channels_make_them_collapse():

@@ -98,6 +98,15 @@ def relu_mean(mu: np.ndarray, sigma: np.ndarray, clip: Optional[float] = None) -
     return out
 
 
+def constant_response(kind: str, kernel: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """What a FoldedConv kernel adds to each output for the constant input c (per input channel), no padding."""
+    if kind == "dense":
+        return c @ kernel
+    if kind == "depthwise":
+        return (kernel.sum(axis=(0, 1)) * c[:, None]).reshape(-1)
+    return np.einsum("hwio,i->o", kernel, c)
+
+
 def expected_input(twin: keras.Model, layer_name: str, stats: dict) -> Optional[np.ndarray]:
     """E[input] of a FoldedConv from the batch-norm statistics of the FoldedConv before it.
 
@@ -142,14 +151,7 @@ def correct_analytic(rewritten, stats: dict) -> dict[str, np.ndarray]:
         ex = expected_input(twin, layer.name, stats)
         if ex is None:
             continue
-        err = weight_error(layer)
-        if layer.kind == "dense":
-            shift = ex @ err
-        elif layer.kind == "depthwise":
-            shift = (err.sum(axis=(0, 1)) * ex[:, None]).reshape(-1)
-        else:
-            shift = np.einsum("hwio,i->o", err, ex)
-        shift = shift.astype(np.float32)
+        shift = constant_response(layer.kind, weight_error(layer), ex).astype(np.float32)
         layer.bias.assign(layer.bias.numpy() - shift)
         shifts[layer.name] = shift
     return shifts

@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 import tf_keras as keras
 
+from qtoolkit.algorithms.bias_correction import constant_response
 from qtoolkit.rewrite.layers import FoldedConv, QuantizeActivation
 
 RELU6_POLICIES = ("relu", "skip")
@@ -125,15 +126,6 @@ def _next_conv(layer, readers, through=_PASS_THROUGH):
         if not isinstance(nxt, through):
             return None
         tensor = _flat(node.output_tensors)[0]
-
-
-def constant_response(kind: str, kernel: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """What a layer's kernel adds to each output for the constant input c (per input channel), no padding."""
-    if kind == "dense":
-        return c @ kernel
-    if kind == "depthwise":
-        return (kernel.sum(axis=(0, 1)) * c[:, None]).reshape(-1)
-    return np.einsum("hwio,i->o", kernel, c)
 
 
 def absorb_high_bias(rewritten, stats: dict, n_sigma: float = 3.0) -> dict[str, np.ndarray]:
