@@ -97,7 +97,7 @@ def bench(name, n_cal, n_ver, runs):
             "latency / converter's 1T": f"{lat[(key, 1)] / lat[('converter', 1)]:.2f}",
         }
     gap = ours.comparisons["simulated vs TFLite"].max_error_steps
-    return rows, gap, lat
+    return rows, gap, lat, ours.comparisons["float vs TFLite"].sqnr_db - their_cmp.sqnr_db
 
 
 def memory(samples):
@@ -155,7 +155,7 @@ def main():
             if seed is not None:
                 keras.utils.set_random_seed(seed)
             label = name if seed is None else f"{name} seed {seed}"
-            rows, gap, lat = bench(name, args.calibration_samples, args.verification_samples, args.runs)
+            rows, gap, lat, sqnr_gain = bench(name, args.calibration_samples, args.verification_samples, args.runs)
             if header is None:
                 header = ["model", "tool", *next(iter(rows.values()))]
                 print("| " + " | ".join(header) + " |")
@@ -164,8 +164,7 @@ def main():
                 print(f"| {label} | {tool} | " + " | ".join(row.values()) + " |", flush=True)
             print(f"<!-- {label}: simulation gap {gap:.2f} output steps; float latency "
                   f"{lat[('float', 1)]:.2f} ms (1T) {lat[('float', 2)]:.2f} ms (2T) -->", flush=True)
-            differences.setdefault(name, []).append(
-                float(rows["qtoolkit"]["SQNR dB"]) - float(rows["converter PTQ"]["SQNR dB"]))
+            differences.setdefault(name, []).append(sqnr_gain)
     if len(seeds) > 1:
         print("\n| model | seeds | SQNR qtoolkit - converter, dB: mean | standard error | min | max |")
         print("|---|---|---|---|---|---|")

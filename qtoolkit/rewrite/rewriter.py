@@ -528,8 +528,9 @@ def _build(flat: g.Graph, steps, fused, scheme: QuantScheme, quantize: bool, mod
     for tid, (name, shape, dtype) in zip(flat.inputs, flat.input_specs):
         x = keras.Input(shape[1:], batch_size=shape[0], dtype=dtype, name=name)
         inputs.append(x)
-        tensors[tid] = quant_point(x, name) if x.dtype.is_floating and acts is not None else x
+        tensors[tid] = x
         if x.dtype.is_floating and acts is not None:
+            tensors[tid] = quant_point(x, name)
             point_of[tid] = names[-1]
 
     consumers = flat.consumers()
