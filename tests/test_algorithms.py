@@ -147,6 +147,15 @@ def test_high_bias_absorption_moves_always_on_bias_into_the_next_layer_and_keeps
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(rw.model.get_layer("conv").bias.numpy(), rw.float_model.get_layer("conv").bias.numpy())
     np.testing.assert_allclose(_float(rw, data), before, atol=FLOAT_ATOL)
+    # Analytic bias correction after absorption sees the lowered means: E[relu(z - c)] = beta - c = 1.5
+    # on the absorbing channels, as measured on the data (not beta, the mean before absorption).
+    from qtoolkit import algorithms
+
+    rw = rewrite.rewrite(model, schemes.load("int8_per_tensor"))
+    report = algorithms.before_calibration(rw, schemes.Algorithms(high_bias_absorption=True), model)
+    measured = keras.Model(rw.float_model.inputs, rw.float_model.get_layer("conv").output)(data).numpy()
+    expected = bias_correction.expected_input(rw.float_model, "pw", report["bn_stats"])
+    np.testing.assert_allclose(expected[[0, 2]], measured.mean(axis=(0, 1, 2))[[0, 2]], atol=0.01)
     # Through the pipeline (scheme key), reported; the int8 model still matches float.
     scheme = schemes.load("int8_per_tensor").replace(algorithms={"high_bias_absorption": True})
     result = ptq(model, data, scheme, verification_data=data, progress=False)

@@ -42,10 +42,13 @@ def before_calibration(rewritten, options, model=None) -> dict:
         report["cle_scales"] = scales
     if options.high_bias_absorption:
         t0 = time.perf_counter()
-        moved = _cle.absorb_high_bias(rewritten, _bc.batch_norm_stats(model, rewritten, report.get("cle_scales")))
+        stats = _bc.batch_norm_stats(model, rewritten, report.get("cle_scales"))
+        moved = _cle.absorb_high_bias(rewritten, stats)
         channels = int(sum((c > 0).sum() for c in moved.values()))
         report["high_bias_absorption"] = {"layers": len(moved), "channels": channels,
                                           "seconds": time.perf_counter() - t0}
+        # The absorbing layers' pre-activation means drop by c: what analytic bias correction must see.
+        report["bn_stats"] = {name: (beta - moved.get(name, 0.0), gamma) for name, (beta, gamma) in stats.items()}
     return report
 
 
@@ -61,8 +64,9 @@ def after_calibration(rewritten, options, inputs=None, model=None, report=None, 
         report["bias_correction"] = {"kind": "empirical", "layers": len(shifts), "seconds": time.perf_counter() - t0}
     elif options.bias_correction == "analytic":
         t0 = time.perf_counter()
-        stats = _bc.batch_norm_stats(model, rewritten, report.get("cle_scales"))
+        stats = report.get("bn_stats") or _bc.batch_norm_stats(model, rewritten, report.get("cle_scales"))
         shifts = _bc.correct_analytic(rewritten, stats)
         report["bias_correction"] = {"kind": "analytic", "layers": len(shifts), "seconds": time.perf_counter() - t0}
     report.pop("cle_scales", None)
+    report.pop("bn_stats", None)
     return report
