@@ -20,11 +20,8 @@ from typing import Optional
 
 import tf_keras as keras
 
-from qtoolkit.rewrite.layers import custom_objects
-
-
-class ModelLoadError(ValueError):
-    """The model cannot be loaded; the message says why and what to do."""
+from qtoolkit.rewrite.objects import custom_objects
+from qtoolkit.errors import ModelLoadError  # noqa: F401  (raised here; defined with the others)
 
 
 @dataclasses.dataclass

@@ -240,7 +240,7 @@ def test_average_pooling_window_shares_the_output_range_when_most_counts_are_ful
 def test_average_pooling_on_a_small_map_is_one_fully_connected_over_positions(size):
     # 3x3 'same' over 4x4 / 9x9 (InceptionV3's maps at 96x96): each output position is a column of
     # weights 1/count, stored exactly per channel; one rounding, as TFLite's AVERAGE_POOL_2D, no MUL.
-    from qtoolkit.rewrite.rewriter import SMALL_MAP_POSITIONS, _avgpool_matrix
+    from qtoolkit.rewrite.avgpool import SMALL_MAP_POSITIONS, avgpool_matrix
 
     assert size * size <= SMALL_MAP_POSITIONS
     model, data = _avgpool_model(size, 80)
@@ -256,7 +256,7 @@ def test_average_pooling_on_a_small_map_is_one_fully_connected_over_positions(si
     weights = tensors[fc["inputs"][1]]
     scales = weights["quantization_parameters"]["scales"]
     stored = it.get_tensor(weights["index"]).astype(np.float32) * scales[:, None]  # (out positions, in positions)
-    np.testing.assert_allclose(stored, _avgpool_matrix(model.layers[2]).T, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(stored, avgpool_matrix(model.layers[2]).T, rtol=1e-6, atol=1e-9)
     assert result.comparisons["float vs TFLite"].sqnr_db > 30
 
 

@@ -18,9 +18,7 @@ from typing import Any
 import tensorflow as tf
 import tf_keras as keras
 
-
-class UnsupportedModelError(ValueError):
-    """The model's structure cannot be rewritten (the message says why)."""
+from qtoolkit.errors import UnsupportedModelError  # noqa: F401  (raised here; defined with the others)
 
 
 @dataclasses.dataclass

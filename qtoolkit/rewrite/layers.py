@@ -14,8 +14,9 @@ Conv2D / DepthwiseConv2D / Dense with a batch norm folded in and its
 activation fused, whose kernel is fake-quantized per output channel (for
 depthwise kernels over in*multiplier, as TFLite stores them).
 
-All layers serialize through get_config/from_config; `custom_objects()` is
-the scope to load a saved quantized model.
+All layers serialize through get_config/from_config;
+`qtoolkit.rewrite.custom_objects()` is the scope to load a saved quantized
+model.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ import tf_keras as keras
 from tensorflow_model_optimization.quantization.keras import quantizers as tfmot_quantizers
 
 from qtoolkit import quantizers as q
-
-FUSABLE_ACTIVATIONS = ("linear", "relu", "relu6")
+from qtoolkit.rewrite.ops import FUSABLE_ACTIVATIONS
 
 
 class RangeQuantizer(tfmot_quantizers.Quantizer):
@@ -256,11 +256,3 @@ def exact_levels(values: np.ndarray) -> int:
             return k
     return top
 
-
-def custom_objects() -> dict:
-    """The scope to load a model saved after rewriting: `load_model(p, custom_objects=custom_objects())`."""
-    from qtoolkit.rewrite.qat_layers import QATFoldedConv, QATQuantizeActivation
-
-    return {"RangeQuantizer": RangeQuantizer, "QuantizeActivation": QuantizeActivation,
-            "FoldedConv": FoldedConv, "ScaleMap": ScaleMap,
-            "QATFoldedConv": QATFoldedConv, "QATQuantizeActivation": QATQuantizeActivation}

@@ -1,0 +1,127 @@
+"""Op policy: what TFLite's int8 graph does with each Keras layer or TF op.
+
+This module owns the tables the planner reads, and nothing else: which ops
+keep their input's scale, which get their own output range, which are
+identities at inference, which activations fuse into the op before them and
+which output ranges TFLite fixes.  To teach the rewriter a new op, add it to
+one table here; `plan.py` turns the tables into steps and `build.py` builds
+each step kind.
+
+    from qtoolkit.rewrite import ops
+    ops.conv_kind(layer)          # "conv2d" | "depthwise" | "dense" | None
+    ops.activation_name(layer)    # "relu", "relu6", "linear", ... or None
+    ops.is_same_scale(layer)      # an int8 kernel that keeps its input's scale
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import tf_keras as keras
+
+L = keras.layers
+
+# Ops whose TFLite int8 kernels require the output scale to equal the input's.
+SAME_SCALE = (L.MaxPooling2D, L.MaxPooling1D, L.AveragePooling2D, L.AveragePooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling1D, L.Reshape,
+              L.Flatten, L.ZeroPadding2D, L.ZeroPadding1D, L.Cropping2D, L.Permute)
+SAME_SCALE_TF_OPS = ("reshape", "compat.v1.transpose", "transpose", "compat.v1.squeeze", "squeeze",
+                     "expand_dims", "nn.max_pool2d", "image.resize")
+# Quantized ops that get their own output range.
+QUANTIZED = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum, L.Concatenate,
+             L.GlobalAveragePooling2D, L.GlobalAveragePooling1D,
+             L.ReLU, L.LeakyReLU, L.Rescaling, L.Normalization, L.PReLU, L.ELU)
+QUANTIZED_TF_OPS = ("__operators__.add", "math.add", "math.subtract", "math.multiply", "math.truediv",
+                    "nn.relu", "nn.relu6", "math.sigmoid", "nn.silu", "nn.swish", "math.tanh", "concat",
+                    "math.reduce_mean", "nn.avg_pool2d", "math.maximum", "math.minimum")
+QUANTIZED_ACTIVATIONS = ("relu", "relu6", "sigmoid", "tanh", "swish", "silu", "hard_sigmoid", "elu",
+                         "leaky_relu", "gelu", "hard_swish", "softmax")
+# Layers that do nothing at inference: TFLite drops them, so they take no quantizer.
+IDENTITY = (L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.GaussianNoise, L.GaussianDropout,
+            L.AlphaDropout, L.ActivityRegularization)
+# TFLite fixes these ops' int8 output scale/zero-point; the simulation uses the same range.
+FIXED_RANGE_8BIT = {"softmax": (0.0, 255 / 256), "sigmoid": (0.0, 255 / 256), "tanh": (-1.0, 127 / 128)}
+# x * sigmoid(x): TFLite runs it as LOGISTIC (fixed range) then MUL, so it gets two quantizers.
+SWISH_ACTIVATIONS = ("swish", "silu")
+SWISH_TF_OPS = ("nn.silu", "nn.swish")
+# Activations a Conv/Depthwise/Dense int8 kernel applies itself (FoldedConv accepts only these).
+FUSABLE_ACTIVATIONS = ("linear", "relu", "relu6")
+# Activation layers folded into the op before them ("linear" ones are identity steps instead).
+ABSORBED_ACTIVATIONS = ("relu", "relu6")
+FUSE_AFTER = (L.Add, L.Subtract, L.Multiply)  # TFLite fuses a following ReLU/ReLU6 into these
+ADD_TF_OPS = ("__operators__.add", "math.add")
+
+
+def activation_name(layer) -> Optional[str]:
+    """Names the activation an activation-like layer computes.
+
+    Args:
+      layer: any Keras layer.
+
+    Returns:
+      'relu', 'relu6', 'linear', ... for ReLU / Activation / nn.relu(6)
+      layers, else None (also for a ReLU with a slope, threshold or other cap).
+    """
+    if isinstance(layer, L.ReLU):
+        if float(layer.negative_slope) == 0.0 and float(layer.threshold) == 0.0:
+            if layer.max_value is None:
+                return "relu"
+            if float(layer.max_value) == 6.0:
+                return "relu6"
+        return None
+    if isinstance(layer, L.Activation):
+        return getattr(layer.activation, "__name__", None)
+    if type(layer).__name__ == "TFOpLambda" and getattr(layer, "symbol", "") in ("nn.relu", "nn.relu6"):
+        return layer.symbol[3:]
+    return None
+
+
+def conv_kind(layer) -> Optional[str]:
+    """The FoldedConv kind a layer becomes, or None when it cannot be folded.
+
+    Args:
+      layer: any Keras layer.
+
+    Returns:
+      "conv2d" (plain channels-last Conv2D, one group), "depthwise"
+      (channels-last DepthwiseConv2D), "dense" (exactly Dense), else None.
+    """
+    if isinstance(layer, L.DepthwiseConv2D):
+        return "depthwise" if layer.data_format == "channels_last" else None
+    if isinstance(layer, L.Conv2D) and not isinstance(layer, L.Conv2DTranspose):
+        ok = type(layer) in (L.Conv2D,) and layer.groups == 1 and layer.data_format == "channels_last"
+        return "conv2d" if ok else None
+    if type(layer) is L.Dense:
+        return "dense"
+    return None
+
+
+def is_concat(node) -> bool:
+    """Whether a graph node concatenates (its inputs' ranges are tied to its output's)."""
+    return isinstance(node.layer, L.Concatenate) or getattr(node.layer, "symbol", None) == "concat"
+
+
+def pools_one_position(layer) -> bool:
+    """A global pooling over a map of one position (InceptionV3's last map at 96x96): a reshape."""
+    if not isinstance(layer, (L.GlobalAveragePooling2D, L.GlobalAveragePooling1D, L.GlobalMaxPooling2D,
+                              L.GlobalMaxPooling1D)) or isinstance(layer.input_shape, list):
+        return False
+    shape = layer.input_shape
+    pooled = shape[1:-1] if layer.data_format == "channels_last" else shape[2:]
+    return all(d == 1 for d in pooled)
+
+
+def is_same_scale(layer) -> bool:
+    """Whether TFLite's int8 kernel for `layer` keeps its input's scale (no quantizer after it)."""
+    return isinstance(layer, SAME_SCALE) or (isinstance(layer, L.UpSampling2D) and layer.interpolation == "nearest") \
+        or getattr(layer, "symbol", None) in SAME_SCALE_TF_OPS or pools_one_position(layer)
+
+
+def is_quantized(layer, act: Optional[str]) -> bool:
+    """Whether `layer` is an int8 op with its own calibrated output range.
+
+    Args:
+      layer: any Keras layer.
+      act: its activation name (see `activation_name`; "softmax" for Softmax).
+    """
+    return isinstance(layer, QUANTIZED) or act in QUANTIZED_ACTIVATIONS \
+        or getattr(layer, "symbol", None) in QUANTIZED_TF_OPS
