@@ -24,6 +24,8 @@ from typing import Optional
 import numpy as np
 import tf_keras as keras
 
+from qtoolkit.qat import export_tflite, set_schedule
+
 
 class QuantizationCallback(keras.callbacks.Callback):
     """QAT schedule + per-epoch int8 export and LiteRT evaluation.
@@ -51,8 +53,6 @@ class QuantizationCallback(keras.callbacks.Callback):
         self.history: list[dict] = []
 
     def _apply_schedule(self):
-        from qtoolkit.qat import set_schedule
-
         set_schedule(self.model,
                      quant_active=self.step >= self.quant_delay,
                      bn_frozen=self.bn_freeze_step is not None and self.step >= self.bn_freeze_step,
@@ -72,7 +72,6 @@ class QuantizationCallback(keras.callbacks.Callback):
         if self.validation_data is None or (epoch + 1) % self.export_every:
             return
         from qtoolkit import export, verify
-        from qtoolkit.qat import export_tflite
 
         x, y = self.validation_data
         data, _ = export_tflite(self.model, io_dtype=self.io_dtype)
@@ -92,3 +91,33 @@ class QuantizationCallback(keras.callbacks.Callback):
         if self.best_path and cmp.candidate_accuracy > self.best:
             self.best = cmp.candidate_accuracy
             export.write_atomic(self.best_path, data)
+
+
+def fine_tune(qat_model, x, y, *, epochs: int = 1, batch_size: int = 64, learning_rate: float = 1e-4,
+              seed: int = 0, bn_freeze_step: Optional[int] = None, quant_delay: int = 0,
+              validation_data=None, verbose: int = 0):
+    """The fine-tuning recipe of the benchmarks and the regression job: Adam, fixed seed, deterministic ops.
+
+    Args:
+      qat_model: a model from `quantize_model` (logits output, integer labels).
+      x, y: training inputs and labels.
+      epochs, batch_size, learning_rate, seed: the recipe.
+      bn_freeze_step: step after which batch-norm statistics are frozen
+        (default: half-way through, as the paper recommends freezing late).
+      quant_delay: steps before fake quant is applied.
+      validation_data: (x, y) for the callback's int8 TFLite accuracy each epoch.
+
+    Returns:
+      The QuantizationCallback (its `history` has the int8 accuracies when validation_data is given).
+    """
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    steps = epochs * -(-len(x) // batch_size)
+    callback = QuantizationCallback(validation_data, quant_delay=quant_delay,
+                                    bn_freeze_step=steps // 2 if bn_freeze_step is None else bn_freeze_step)
+    qat_model.compile(keras.optimizers.Adam(learning_rate),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"])
+    qat_model.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=verbose, shuffle=True, callbacks=[callback])
+    return callback

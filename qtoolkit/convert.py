@@ -16,28 +16,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
-import signal
 import sys
 
 from qtoolkit import _env  # noqa: F401  (before TensorFlow)
 
 from absl import app, flags
 
+from qtoolkit import _cli  # the flags every tool shares (--model, --scheme, --output, ...), errors, signals
 from qtoolkit import schemes  # plain data and YAML: no TensorFlow
+from qtoolkit.errors import UsageError  # noqa: F401  (raised here; defined with the others)
 
-_MODEL = flags.DEFINE_string("model", None, "SavedModel folder, .keras or .h5 file (tf_keras / Keras 2).")
-_OUTPUT = flags.DEFINE_string("output", None, "Where to write the .tflite (atomically).")
-_CALIBRATION = flags.DEFINE_string(
-    "calibration_data", None,
-    ".npy (samples on axis 0, preprocessed as the model expects), .npz (one array per input name) "
-    "or a folder of images.")
-_SCHEME = flags.DEFINE_string("scheme", "int8", f"Preset name ({', '.join(schemes.preset_names())}) "
-                              "or a scheme .yaml file.")
+flags.adopt_module_key_flags(_cli)  # shown in this tool's --help
+_MODEL, _OUTPUT, _CALIBRATION, _SCHEME = _cli.MODEL, _cli.OUTPUT, _cli.CALIBRATION, _cli.SCHEME
+_NUM_CAL, _UNSAFE, _VERBOSE = _cli.NUM_CALIBRATION, _cli.UNSAFE, _cli.VERBOSE
 _REPORT = flags.DEFINE_string("report", None, "Write the inspection and verification report as JSON here.")
-_NUM_CAL = flags.DEFINE_integer("num_calibration_samples", None,
-                                "Calibration samples (default: up to 500, leaving the verification samples).")
 _NUM_VER = flags.DEFINE_integer("num_verification_samples", None,
                                 "Held-out samples for verification (default: up to 200, after the calibration ones).")
 _VER_DATA = flags.DEFINE_string("verification_data", None,
@@ -51,8 +44,6 @@ _STRICT = flags.DEFINE_bool("strict", False, "Fail if any layer would stay in fl
                             "leaves ops outside the XNNPACK delegate or is slower than the float model.")
 _IMAGE_SIZE = flags.DEFINE_string("image_size", None, "HxW to resize images of a folder to (default: the model's).")
 _IMAGE_SCALE = flags.DEFINE_string("image_scale", "0,1", "Real range pixel values 0..255 map to, e.g. -1,1.")
-_UNSAFE = flags.DEFINE_bool("allow_unsafe_deserialization", False,
-                            "Allow models with serialized Python code (Lambda layers). Only for trusted files.")
 _BUDGET_DROP = flags.DEFINE_float(
     "budget_max_accuracy_drop", None,
     "Automatic mixed precision: keep the most sensitive layers float until the top-1 accuracy drop (points, "
@@ -72,16 +63,11 @@ _BIAS_CORRECTION = flags.DEFINE_enum("bias_correction", None, ["none", "empirica
                                      "data; analytic: batch-norm statistics).")
 _ADAROUND = flags.DEFINE_bool("adaround", None, "AdaRound: learned up/down rounding of the weights.")
 _ADAROUND_ITERATIONS = flags.DEFINE_integer("adaround_iterations", None, "AdaRound optimisation steps per layer.")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show Python tracebacks and TensorFlow logs on errors.")
 # Runtime (issue 9): XNNPACK delegation report, latency, guard.
 _BENCHMARK = flags.DEFINE_bool("benchmark", False,
                                "Measure float vs quantized latency (LiteRT, XNNPACK, batch 1, 1 and all threads, "
                                "median after warm-up) and add it to the runtime report.")
 _BENCHMARK_RUNS = flags.DEFINE_integer("benchmark_runs", 100, "Timed invokes per model and thread count.")
-
-
-class UsageError(ValueError):
-    """Bad flag values."""
 
 
 def _pair(text, name, cast):
@@ -122,27 +108,21 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
         raise UsageError("--budget_max_accuracy_drop needs --labels (labels of the verification samples)")
     if budget_max_accuracy_drop is not None and budget_min_sqnr is not None:
         raise UsageError("give one of --budget_max_accuracy_drop and --budget_min_sqnr, not both")
-    if (budget_max_accuracy_drop is not None or budget_min_sqnr is not None) and verification_data:
-        raise UsageError("mixed precision budgets are measured on held-out calibration samples; "
-                         "drop --verification_data (and give --labels of those held-out samples)")
     if output:
         export.check_writable(output)
-    from qtoolkit.loading import LoadedModel, load_model
+    from qtoolkit import prepare
 
-    model_arg = model  # the path (or model) as given, for the debugger
-    if isinstance(model, str):
-        model = load_model(model, allow_unsafe)
-    elif not isinstance(model, LoadedModel):
-        model = LoadedModel("<in memory>", model, "keras")
     # Written only after the runtime guard (below) passed.
     if algorithms:
         scheme = schemes.load(scheme).replace(algorithms=algorithms)
-    result = pipeline.ptq(
-        model, calibration_data, scheme, None, num_calibration_samples=num_calibration_samples,
-        num_verification_samples=num_verification_samples, verification_data=verification_data, labels=y,
-        range_method=range_method, io_dtype=io_dtype, batch_size=batch_size, strict=strict,
-        image_size=size, image_scale=_pair(image_scale, "image_scale", float), allow_unsafe=allow_unsafe,
-        log=lambda message: print(message, file=out, flush=True))
+    log = lambda message: print(message, file=out, flush=True)  # noqa: E731
+    # Loaded, rewritten and calibrated once: the export, the per-layer summary and mixed precision all read it.
+    prepared = prepare.prepare(
+        model, calibration_data, scheme, num_calibration_samples=num_calibration_samples,
+        num_verification_samples=num_verification_samples, verification_data=verification_data,
+        range_method=range_method, batch_size=batch_size, strict=strict, image_size=size,
+        image_scale=_pair(image_scale, "image_scale", float), allow_unsafe=allow_unsafe, log=log)
+    result = pipeline.ptq(prepared, labels=y, io_dtype=io_dtype, log=log)
     print(f"scheme {result.scheme.name}: {result.path}", file=out)
     for note in result.notes:
         print(f"note: {note}", file=out)
@@ -155,7 +135,7 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
         print(f"calibrated {len(c.ranges)} activation ranges ({c.method}) on {c.samples} samples "
               f"in {c.seconds:.1f} s", file=out)
     print(result.inspection.summary(), file=out)
-    runtime_report = _runtime_report(model, result, benchmark, benchmark_runs, strict, out)
+    runtime_report = _runtime_report(prepared.loaded, result, benchmark, benchmark_runs, strict, out)
     if output:
         export.write_atomic(output, result.tflite)
         result = dataclasses.replace(result, output=output)
@@ -163,44 +143,34 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
     print(f"\nverification (LiteRT interpreter, {next(iter(result.comparisons.values())).samples} held-out "
           "samples, first model output):", file=out)
     print(result.table(), file=out)
-    _debug_summary(result, model_arg, calibration_data, output, y, budget_max_accuracy_drop, budget_min_sqnr,
-                   allow_unsafe, out, image={"image_size": size, "image_scale": _pair(image_scale, "image_scale", float)})
+    _debug_summary(prepared, result, model, calibration_data, output, y, io_dtype, budget_max_accuracy_drop,
+                   budget_min_sqnr, out)
     if report:
         from qtoolkit.export import write_atomic
 
         data = {**result.to_dict(), "runtime": runtime_report.to_dict()}
-        write_atomic(report, (json.dumps(data, indent=2, default=_json_default) + "\n").encode())
+        write_atomic(report, (json.dumps(data, indent=2, default=_cli.json_default) + "\n").encode())
         print(f"report: {report}", file=out)
     return result
 
 
-def _debug_summary(result, model, calibration_data, output, y, budget_max_accuracy_drop, budget_min_sqnr,
-                   allow_unsafe, out, image):
-    """The three most sensitive layers (and mixed precision when a budget is given)."""
+def _debug_summary(prepared, result, model, calibration_data, output, y, io_dtype, budget_max_accuracy_drop,
+                   budget_min_sqnr, out):
+    """The three most sensitive layers (and mixed precision when a budget is given), on the prepared state."""
     from qtoolkit import debug
 
-    if result.calibration is None:
+    if result.calibration is None:  # no qtoolkit calibration (weight-only, int16x8, SavedModel): nothing to rank
         return
-    from qtoolkit.calibrate import DataError
-
-    samples = next(iter(result.comparisons.values())).samples
-    try:
-        rep = debug.analyze(model, calibration_data, result.scheme, tflite=False, allow_unsafe=allow_unsafe,
-                            num_calibration_samples=result.calibration.samples, num_samples=min(samples, 64),
-                            **image)
-    except DataError as e:  # e.g. all calibration data used for calibration (separate --verification_data)
-        print(f"\nper-layer summary skipped: {e}", file=out)
-        return
+    rep = debug.analyze(prepared, num_samples=min(prepared.num_verification, 64), tflite=False)
     print(f"\nmost sensitive layers (only that layer quantized, {rep.samples} samples):", file=out)
     print(debug.worst_layers(rep), file=out)
-    print(f"full per-layer report: python -m qtoolkit.debug --model {model} --calibration_data "
+    where = model if isinstance(model, str) else "MODEL"
+    print(f"full per-layer report: python -m qtoolkit.debug --model {where} --calibration_data "
           f"{calibration_data} --scheme {result.scheme.name} --output debug_report", file=out)
     if budget_max_accuracy_drop is None and budget_min_sqnr is None:
         return
-    mp = debug.mixed_precision(model, calibration_data, result.scheme, output,
-                               budget_min_sqnr=budget_min_sqnr, budget_max_accuracy_drop=budget_max_accuracy_drop,
-                               labels=y, num_calibration_samples=result.calibration.samples,
-                               num_samples=samples, allow_unsafe=allow_unsafe, **image)
+    mp = debug.mixed_precision(prepared, output=output, budget_min_sqnr=budget_min_sqnr,
+                               budget_max_accuracy_drop=budget_max_accuracy_drop, labels=y, io_dtype=io_dtype)
     print("\n" + mp.summary(), file=out)
     if output:
         print(f"wrote {output} (mixed precision{'' if mp.met else ', budget NOT met'})", file=out)
@@ -226,54 +196,9 @@ def _runtime_report(loaded, result, benchmark, runs, strict, out):
     return rt
 
 
-def _json_default(value):
-    import numpy as np
-
-    if isinstance(value, (np.generic,)):
-        return value.item()
-    if isinstance(value, type):
-        return value.__name__
-    return str(value)
-
-
-def _known_errors():
-    from qtoolkit import calibrate, debug, export, loading, rewrite, runtime, schemes
-
-    return (UsageError, loading.ModelLoadError, calibrate.DataError, schemes.SchemeError,
-            rewrite.UnquantizableLayersError, rewrite.UnsupportedModelError, export.ExportError, debug.DebugError,
-            runtime.RuntimeGuardError)
-
-
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    missing = [f"--{f.name}" for f in (_MODEL, _OUTPUT, _CALIBRATION) if not f.value]
-    if missing:
-        raise app.UsageError(f"missing required flag(s): {', '.join(missing)}")
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.INFO if _VERBOSE.value else absl_logging.ERROR)
-    logging.getLogger("tensorflow").setLevel(logging.DEBUG if _VERBOSE.value else logging.ERROR)
-    # SIGTERM (CI timeouts, `kill`) ends the run like Ctrl-C: cleanly, nothing written.
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        with _env.quiet_native_stderr(enabled=not _VERBOSE.value):
-            _run_from_flags()
-    except _known_errors() as e:
-        if _VERBOSE.value:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written (an existing output file is unchanged)", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return 0
-
-
-def _terminate(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+    _cli.require(argv, _MODEL, _OUTPUT, _CALIBRATION)
+    return _cli.run(_run_from_flags)
 
 
 def _run_from_flags():

@@ -18,14 +18,12 @@ import struct
 
 import numpy as np
 
+from qtoolkit.errors import DatasetUnavailable  # noqa: F401  (raised here; defined with the others)
+
 FASHION_MNIST_DIR = os.environ.get("QTOOLKIT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 NAMES = ("digits", "fashion_mnist")
-
-
-class DatasetUnavailable(RuntimeError):
-    """A data set is not installed; the message says how to install it."""
 
 
 Split = tuple[np.ndarray, np.ndarray]

@@ -23,15 +23,13 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import tensorflow as tf
 
+from qtoolkit.errors import ExportError  # noqa: F401  (raised here; defined with the others)
+
 IO_DTYPES = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}
 TFLITE_MAX_BYTES = 2 ** 31 - 1
 WEIGHT_OPS = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 0}  # op -> output-channel axis of weights
 # Ops that move data between float and integer, or index it: not "float compute".
 _BOUNDARY_OPS = {"QUANTIZE", "DEQUANTIZE"}
-
-
-class ExportError(RuntimeError):
-    """The converter failed or the output could not be written."""
 
 
 def _converter_for(model) -> tf.lite.TFLiteConverter:

@@ -20,12 +20,9 @@ import dataclasses
 import numpy as np
 
 from qtoolkit import _env  # noqa: F401  (Keras 2 before TensorFlow)
+from qtoolkit.errors import Int4Error  # noqa: F401  (raised here; defined with the others)
 
 INT4_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
-
-
-class Int4Error(ValueError):
-    """The flatbuffer cannot be rewritten with INT4 weights."""
 
 
 @dataclasses.dataclass(frozen=True)

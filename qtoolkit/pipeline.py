@@ -19,12 +19,10 @@ import numpy as np
 
 from qtoolkit import algorithms
 from qtoolkit import calibrate as cal
-from qtoolkit import export, rewrite, verify
-from qtoolkit.loading import LoadedModel, load_model
-from qtoolkit.schemes import QuantScheme, load as load_scheme
-
-DEFAULT_CALIBRATION_SAMPLES = 500
-DEFAULT_VERIFICATION_SAMPLES = 200
+from qtoolkit import export, verify
+from qtoolkit.prepare import (DEFAULT_CALIBRATION_SAMPLES, DEFAULT_VERIFICATION_SAMPLES, Prepared,  # noqa: F401
+                              prepare)
+from qtoolkit.schemes import QuantScheme
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +40,8 @@ class PTQResult:
       comparisons: name -> verify.Comparison.
       folded: fused patterns; float_layers: layers left in float.
       seconds: stage -> wall time.
+      outputs: "float", "tflite" (and "simulated") -> the first model output on the verification samples,
+        as measured for `comparisons` (so later tools need not run the models again).
     """
 
     tflite: bytes
@@ -55,6 +55,7 @@ class PTQResult:
     folded: tuple
     float_layers: tuple
     seconds: dict
+    outputs: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def table(self) -> str:
         return verify.format_table(self.comparisons)
@@ -76,7 +77,7 @@ def _first(outputs):
     return outputs[0] if isinstance(outputs, list) else outputs
 
 
-def ptq(model: Any, calibration_data: Any, scheme: Any = "int8", output: Optional[str] = None, *,
+def ptq(model: Any, calibration_data: Any = None, scheme: Any = "int8", output: Optional[str] = None, *,
         num_calibration_samples: Optional[int] = None, num_verification_samples: Optional[int] = None,
         verification_data: Any = None, labels: Optional[np.ndarray] = None, range_method: Optional[str] = None,
         io_dtype: str = "int8", batch_size: int = 32, strict: bool = False, progress: bool = True,
@@ -84,7 +85,8 @@ def ptq(model: Any, calibration_data: Any, scheme: Any = "int8", output: Optiona
     """Post-training quantization of a model, verified with the LiteRT interpreter.
 
     Args:
-      model: a tf_keras model, or the path of a SavedModel folder / .keras / .h5 file.
+      model: a Keras model, the path of a SavedModel folder / .keras / .h5 file, or a `prepare.Prepared`
+        (then the data, scheme and sample arguments are those it was prepared with, and are not given here).
       calibration_data: see `calibrate.open_source` (arrays, .npy/.npz, image folder, dataset, generator).
       scheme: a preset name, a YAML path or a QuantScheme.
       output: where to write the .tflite (atomically), or None.
@@ -107,37 +109,39 @@ def ptq(model: Any, calibration_data: Any, scheme: Any = "int8", output: Optiona
       loading.ModelLoadError, calibrate.DataError, schemes.SchemeError,
       rewrite.UnquantizableLayersError, export.ExportError, ValueError.
     """
-    seconds = {}
     log = log or (lambda message: None)
     t0 = time.perf_counter()
     if output:
         export.check_writable(output)
-    scheme = load_scheme(scheme) if not isinstance(scheme, QuantScheme) else scheme
-    if range_method:
-        if scheme.activations is None:
-            raise ValueError(f"scheme {scheme.name!r} has no activation quantization; --range_method does not apply")
-        scheme = scheme.replace(activations={"method": range_method})
     if io_dtype not in export.IO_DTYPES:
         raise ValueError(f"io_dtype must be one of {', '.join(export.IO_DTYPES)}, got {io_dtype!r}")
-    loaded = model if isinstance(model, LoadedModel) else (
-        load_model(model, allow_unsafe) if isinstance(model, str) else LoadedModel("<in memory>", model, "keras"))
-    keras_model = loaded.keras_model
-    if keras_model is not None:
-        export.check_size_estimate(keras_model, 1.0)  # int8 weights: one byte per parameter
-        specs = [(t.name.split(":")[0], tuple(t.shape), t.dtype.as_numpy_dtype) for t in keras_model.inputs]
+    already = isinstance(model, Prepared)  # prepared before this call: its time is added to the total
+    if already:
+        prepared = model
     else:
-        specs = _saved_model_specs(loaded.path)
-    seconds["load"] = time.perf_counter() - t0
+        prepared = prepare(model, calibration_data, scheme, num_calibration_samples=num_calibration_samples,
+                           num_verification_samples=num_verification_samples, verification_data=verification_data,
+                           range_method=range_method, batch_size=batch_size, strict=strict, progress=progress,
+                           image_size=image_size, image_scale=image_scale, allow_unsafe=allow_unsafe, log=log)
+    seconds = {k: v for k, v in prepared.seconds.items() if k != "total"}
+    data, path, notes, rewritten = _export(prepared, io_dtype, log, seconds)
+    inspection = export.inspect(data)
+    t3 = time.perf_counter()
+    comparisons, outputs = _verify(prepared, data, rewritten, labels)
+    seconds["verify"] = time.perf_counter() - t3
+    if output:
+        export.write_atomic(output, data)
+    seconds["total"] = time.perf_counter() - t0 + (prepared.seconds["total"] if already else 0.0)
+    return PTQResult(data, output, prepared.scheme, path, tuple(notes), inspection,
+                     prepared.calibration if rewritten is not None else None, comparisons,
+                     tuple(rewritten.folded) if rewritten else (), tuple(rewritten.float_layers) if rewritten else (),
+                     seconds, outputs)
 
-    source = cal.open_source(calibration_data, specs, image_size, image_scale)
-    ver_source = None
-    if verification_data is not None:
-        ver_source = cal.open_source(verification_data, specs, image_size, image_scale)
-        if num_verification_samples is None:
-            num_verification_samples = ver_source.num_samples or DEFAULT_VERIFICATION_SAMPLES
-    n_cal, n_ver = _split(source, num_calibration_samples, num_verification_samples, ver_source is not None)
+
+def _export(prepared: Prepared, io_dtype: str, log, seconds: dict):
+    """The flatbuffer for the prepared state: (bytes, path in words, notes, the rewrite it came from or None)."""
+    scheme, keras_model = prepared.scheme, prepared.keras_model
     notes = []
-    calibration = None
     rewritten = None
     t1 = time.perf_counter()
     if keras_model is None:
@@ -146,44 +150,27 @@ def ptq(model: Any, calibration_data: Any, scheme: Any = "int8", output: Optiona
                      "calibration; qtoolkit's rewriter, range methods and simulation gap are not available")
         import tensorflow as tf
 
-        converter = tf.lite.TFLiteConverter.from_saved_model(loaded.path)
-        data = export.converter_ptq_tflite(converter, _representative(source, n_cal), io_dtype=io_dtype,
+        converter = tf.lite.TFLiteConverter.from_saved_model(prepared.loaded.path)
+        data = export.converter_ptq_tflite(converter, prepared.representative(), io_dtype=io_dtype,
                                            int16x8=scheme.activations is not None and scheme.activations.bits == 16)
     elif scheme.weight_only:
         path = "dynamic range (int8 weights, float activations)"
         data = export.weight_only_tflite(keras_model)
-        if ver_source is None:
-            for _ in source.take(n_cal):  # skip the calibration samples: verify on held-out ones
-                pass
     elif scheme.activations.bits == 16:
         path = "TFLite converter int16x8 calibration"
         notes.append("int16x8: the converter has no fake-quant path for 16-bit activations, so it calibrates "
                      "activation ranges itself (min/max) on the same samples; int16 kernels are reference "
                      "kernels (slow on CPU)")
-        data = export.converter_ptq_tflite(keras_model, _representative(source, n_cal), int16x8=True,
+        data = export.converter_ptq_tflite(keras_model, prepared.representative(), int16x8=True,
                                            io_dtype=io_dtype)
     else:
         path = "qtoolkit rewrite + calibration, TFLite converter (fake-quant path)"
-        rewritten = rewrite.rewrite(keras_model, scheme, strict=strict)
-        seconds["rewrite"] = time.perf_counter() - t1
-        log(f"calibrating {len(rewritten.quant_points)} activation ranges ({scheme.activations.method}) "
-            f"on {n_cal} samples")
-        algo = scheme.algorithms
-        algo_report = algorithms.before_calibration(rewritten, algo, keras_model)
-        cal_source, cal_inputs = source, None
-        if algorithms.needs_data(algo):
-            cal_inputs = source.collect(n_cal)  # held for AdaRound / bias correction
-            cal_source = cal.open_source(cal_inputs, specs)
-        calibration = cal.calibrate(rewritten, cal_source, n_cal, scheme, batch_size, progress)
-        algo_report = algorithms.after_calibration(rewritten, algo, cal_inputs, keras_model, algo_report, log)
-        if algo_report:
-            notes.append("algorithms: " + "; ".join(f"{k} {v}" for k, v in algo_report.items()))
-            seconds["algorithms"] = _algorithm_seconds(algo_report)
+        rewritten = prepared.rewritten
+        if prepared.algorithm_report:
+            notes.append("algorithms: " + "; ".join(f"{k} {v}" for k, v in prepared.algorithm_report.items()))
         log("converting with the TFLite converter")
-        seconds["calibrate"] = calibration.seconds
-        t2 = time.perf_counter()
+        t1 = time.perf_counter()
         data = export.fake_quant_to_tflite(rewritten.model, io_dtype)
-        seconds["convert"] = time.perf_counter() - t2
         if scheme.weights.bits < 8:
             notes.append(f"{scheme.weights.bits}-bit weights are stored in int8 tensors on the "
                          f"{scheme.weights.bits}-bit grid (conv: exact; fully connected: the converter "
@@ -192,98 +179,31 @@ def ptq(model: Any, calibration_data: Any, scheme: Any = "int8", output: Optiona
             notes.append(f"TFLite has no {scheme.activations.bits}-bit activation kernels: the model is exported "
                          "with int8 activations over the calibrated ranges; the simulated column is the "
                          f"{scheme.activations.bits}-bit model, so the simulation gap does not apply")
-    if "convert" not in seconds:
-        seconds["convert"] = time.perf_counter() - t1
+    seconds["convert"] = time.perf_counter() - t1
     if rewritten is None and algorithms.needs_rewrite(scheme.algorithms):
-        notes.append("the scheme's algorithms (cle, bias_correction, adaround) were not applied: they need "
-                     "qtoolkit's rewrite of a Keras model")
-    inspection = export.inspect(data)
+        notes.append(f"the scheme's algorithms ({', '.join(scheme.algorithms.enabled())}) were not applied: they "
+                     "need qtoolkit's rewrite of a Keras model")
+    return data, path, notes, rewritten
 
-    t3 = time.perf_counter()
-    if ver_source is not None:
-        ver = ver_source.collect(n_ver)
-    else:
-        ver = source.collect(n_ver)
+
+def _verify(prepared: Prepared, data: bytes, rewritten, labels) -> tuple[dict, dict]:
+    """Float vs TFLite (and vs qtoolkit's simulation) on the prepared verification samples.
+
+    Returns (name -> verify.Comparison, model -> first output).
+    """
+    ver = prepared.verification_inputs
     tfl = verify.LiteRTModel(data)
     tfl_out = _first(tfl.predict(ver))
-    if keras_model is not None:
-        float_out = verify.predict_keras(keras_model, ver)
+    if prepared.keras_model is not None:
+        float_out = verify.predict_keras(prepared.keras_model, ver)
     else:
-        float_out = _first(verify.LiteRTModel(export.float_tflite_saved_model(loaded.path)).predict(ver))
-    y = None if labels is None else np.asarray(labels)[:n_ver]
+        float_out = _first(verify.LiteRTModel(export.float_tflite_saved_model(prepared.loaded.path)).predict(ver))
+    y = None if labels is None else np.asarray(labels)[:prepared.num_verification]
     step = tfl.output_step()
     comparisons = {"float vs TFLite": verify.compare(float_out, tfl_out, y, step)}
+    outputs = {"float": float_out, "tflite": tfl_out}
     if rewritten is not None:
-        sim_out = verify.predict_keras(rewritten.model, ver)
+        sim_out = outputs["simulated"] = verify.predict_keras(rewritten.model, ver)
         comparisons["float vs simulated"] = verify.compare(float_out, sim_out, y, step)
         comparisons["simulated vs TFLite"] = verify.compare(sim_out, tfl_out, y, step)
-    seconds["verify"] = time.perf_counter() - t3
-    if output:
-        export.write_atomic(output, data)
-    seconds["total"] = time.perf_counter() - t0
-    return PTQResult(data, output, scheme, path, tuple(notes), inspection, calibration, comparisons,
-                     tuple(rewritten.folded) if rewritten else (), tuple(rewritten.float_layers) if rewritten else (),
-                     seconds)
-
-
-def _split(source, n_cal, n_ver, separate_verification: bool) -> tuple[int, int]:
-    """Numbers of calibration and verification samples (see `ptq`)."""
-    for name, value in (("num_calibration_samples", n_cal), ("num_verification_samples", n_ver)):
-        if value is not None and value < 1:
-            raise cal.DataError(f"{name} must be at least 1, got {value}")
-    n = source.num_samples
-    if n is None:
-        return n_cal or DEFAULT_CALIBRATION_SAMPLES // 2, n_ver or DEFAULT_VERIFICATION_SAMPLES // 2
-    if separate_verification:
-        n_ver = n_ver or DEFAULT_VERIFICATION_SAMPLES
-        n_cal = n_cal or min(DEFAULT_CALIBRATION_SAMPLES, n)
-        if n_cal > n:
-            raise cal.DataError(f"{source.description}: {n} samples, fewer than the {n_cal} calibration samples "
-                                "asked for; give more data or lower --num_calibration_samples")
-        return n_cal, n_ver
-    if n < 2:
-        raise cal.DataError(f"{source.description}: {n} sample; give at least 2 (calibration + verification)")
-    n_ver = n_ver or max(1, min(DEFAULT_VERIFICATION_SAMPLES, n // 5))
-    n_cal = n_cal or min(DEFAULT_CALIBRATION_SAMPLES, n - n_ver)
-    if n_cal + n_ver > n:
-        raise cal.DataError(f"{source.description}: {n} samples, fewer than the {n_cal} calibration + {n_ver} "
-                            "verification samples asked for; give more data or lower "
-                            "--num_calibration_samples / --num_verification_samples")
-    return n_cal, n_ver
-
-
-def _algorithm_seconds(report: dict) -> float:
-    """Wall time of the post-training algorithms in a report of qtoolkit.algorithms."""
-    total = 0.0
-    for entry in report.values():
-        seconds = entry.get("seconds", 0.0)
-        total += seconds["total"] if isinstance(seconds, dict) else seconds
-    return total
-
-
-def _representative(source, n):
-    """The converter's representative_dataset: one sample per call.
-
-    The converter may iterate it more than once (it does for int16x8); the
-    source is a stream, so the n samples are read once and replayed.
-    """
-    batches = []
-
-    def gen():
-        if not batches:
-            batches.extend(source.take(n, 32))
-        for batch in batches:
-            for i in range(batch[0].shape[0]):
-                yield [a[i:i + 1] for a in batch]
-    return gen
-
-
-def _saved_model_specs(path):
-    import tensorflow as tf
-
-    loaded = tf.saved_model.load(path)
-    fn = loaded.signatures.get("serving_default")
-    if fn is None:
-        raise ValueError(f"{path}: the SavedModel has no serving_default signature")
-    specs = fn.structured_input_signature[1]
-    return [(name, tuple(spec.shape), spec.dtype.as_numpy_dtype) for name, spec in sorted(specs.items())]
+    return comparisons, outputs

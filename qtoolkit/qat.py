@@ -64,38 +64,6 @@ def quantize_model(model, scheme: Any = "int8", *, ema_decay: float = 0.999, cal
     return result.model
 
 
-def fine_tune(qat_model, x, y, *, epochs: int = 1, batch_size: int = 64, learning_rate: float = 1e-4,
-              seed: int = 0, bn_freeze_step: Optional[int] = None, quant_delay: int = 0,
-              validation_data=None, verbose: int = 0):
-    """The fine-tuning recipe of the benchmarks and the regression job: Adam, fixed seed, deterministic ops.
-
-    Args:
-      qat_model: a model from `quantize_model` (logits output, integer labels).
-      x, y: training inputs and labels.
-      epochs, batch_size, learning_rate, seed: the recipe.
-      bn_freeze_step: step after which batch-norm statistics are frozen
-        (default: half-way through, as the paper recommends freezing late).
-      quant_delay: steps before fake quant is applied.
-      validation_data: (x, y) for the callback's int8 TFLite accuracy each epoch.
-
-    Returns:
-      The QuantizationCallback (its `history` has the int8 accuracies when validation_data is given).
-    """
-    import tensorflow as tf
-
-    from qtoolkit.callbacks import QuantizationCallback
-
-    keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
-    steps = epochs * -(-len(x) // batch_size)
-    callback = QuantizationCallback(validation_data, quant_delay=quant_delay,
-                                    bn_freeze_step=steps // 2 if bn_freeze_step is None else bn_freeze_step)
-    qat_model.compile(keras.optimizers.Adam(learning_rate),
-                      keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"])
-    qat_model.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=verbose, shuffle=True, callbacks=[callback])
-    return callback
-
-
 def to_inference_model(qat_model) -> keras.Model:
     """The deployable fake-quant model of a QAT model: BN folded with the moving statistics, learned ranges."""
     def clone(layer):

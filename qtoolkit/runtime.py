@@ -21,12 +21,9 @@ import dataclasses
 from typing import Optional
 
 from qtoolkit import latency
+from qtoolkit.errors import RuntimeGuardError  # noqa: F401  (raised here; defined with the others)
 
 DELEGATE_OP = "DELEGATE"
-
-
-class RuntimeGuardError(RuntimeError):
-    """Under --strict: the quantized model leaves ops outside XNNPACK or is slower than float."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,15 +23,12 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from qtoolkit.quantizers import MAX_BITS, MIN_BITS
+from qtoolkit.errors import SchemeError  # noqa: F401  (raised here; defined with the others)
 
 GRANULARITIES = ("per_tensor", "per_channel")
 RANGE_METHODS = ("minmax", "ema", "percentile", "mse", "entropy")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 _PACKAGED_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-
-
-class SchemeError(ValueError):
-    """A scheme file or dict that is not valid; the message says where and why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +75,9 @@ class ActivationQuant:
 
 BIAS_CORRECTIONS = ("none", "empirical", "analytic")
 CLE_RELU6 = ("relu", "skip")
+# The post-training algorithms, in the order they run (qtoolkit.algorithms.REGISTRY implements each): the one
+# list that schemes, the pipeline's notes and the registry read.
+ALGORITHM_NAMES = ("cle", "high_bias_absorption", "adaround", "bias_correction")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +102,12 @@ class Algorithms:
     adaround: bool = False
     adaround_iterations: int = 1000
     adaround_reg: float = 0.01
+
+    def enabled(self) -> tuple:
+        """Names of the algorithms these options turn on, in the order they run (see ALGORITHM_NAMES)."""
+        on = {"cle": self.cle, "high_bias_absorption": self.high_bias_absorption, "adaround": self.adaround,
+              "bias_correction": self.bias_correction != "none"}
+        return tuple(name for name in ALGORITHM_NAMES if on[name])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,10 +257,8 @@ def _check_algorithms(scheme: QuantScheme, source: str) -> None:
                           f"got {algo.adaround_iterations}")
     if not algo.adaround_reg >= 0.0:
         raise SchemeError(f"{source}: algorithms.adaround_reg must be >= 0, got {algo.adaround_reg}")
-    uses = algo.cle or algo.high_bias_absorption or algo.adaround or algo.bias_correction != "none"
-    if uses and (scheme.activations is None or scheme.activations.bits == 16):
-        raise SchemeError(f"{source}: algorithms (cle, high_bias_absorption, bias_correction, adaround) need "
-                          "qtoolkit's fake-quant path; "
+    if algo.enabled() and (scheme.activations is None or scheme.activations.bits == 16):
+        raise SchemeError(f"{source}: algorithms ({', '.join(ALGORITHM_NAMES)}) need qtoolkit's fake-quant path; "
                           "they do not apply to weight-only or int16x8 schemes")
     if algo.adaround and not scheme.weights.symmetric:
         raise SchemeError(f"{source}: algorithms.adaround needs weights.symmetric: true")
@@ -284,11 +288,22 @@ def load(name_or_path: str) -> QuantScheme:
         if not os.path.isfile(path):
             raise SchemeError(f"unknown scheme {name_or_path!r}; presets are {', '.join(preset_names())}, "
                               f"or give the path of a .yaml file")
+    data = read_yaml(path, SchemeError, "scheme file")
+    return QuantScheme.from_dict(data if data is not None else {}, source=path)
+
+
+def read_yaml(path: str, error: type, what: str):
+    """A YAML file's data (safe loader only); `error` (a QtoolkitError) names the file when it cannot be read.
+
+    Args:
+      path: the file.
+      error: the exception class to raise.
+      what: what the file is, for the message ("scheme file", "the regression config").
+    """
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except OSError as e:
-        raise SchemeError(f"{path}: cannot read scheme file ({e.strerror})") from None
+        raise error(f"{path}: cannot read {what} ({e.strerror})") from None
     except yaml.YAMLError as e:
-        raise SchemeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return QuantScheme.from_dict(data if data is not None else {}, source=path)
+        raise error(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None

@@ -154,7 +154,7 @@ def test_high_bias_absorption_moves_always_on_bias_into_the_next_layer_and_keeps
     rw = rewrite.rewrite(model, schemes.load("int8_per_tensor"))
     report = algorithms.before_calibration(rw, schemes.Algorithms(high_bias_absorption=True), model)
     measured = keras.Model(rw.float_model.inputs, rw.float_model.get_layer("conv").output)(data).numpy()
-    expected = bias_correction.expected_input(rw.float_model, "pw", report["bn_stats"])
+    expected = bias_correction.expected_input(rw.float_model, "pw", report["_state"].bn_stats)
     np.testing.assert_allclose(expected[[0, 2]], measured.mean(axis=(0, 1, 2))[[0, 2]], atol=0.01)
     # Through the pipeline (scheme key), reported; the int8 model still matches float.
     scheme = schemes.load("int8_per_tensor").replace(algorithms={"high_bias_absorption": True})

@@ -1,13 +1,18 @@
 """Post-training algorithms that change only weights, biases and ranges.
 
     from qtoolkit import algorithms
-    algorithms.before_calibration(rewritten, scheme.algorithms, model)     # CLE, high-bias absorption
-    algorithms.after_calibration(rewritten, scheme.algorithms, x, model)   # AdaRound, bias correction
+    report = algorithms.before_calibration(rewritten, scheme.algorithms, model)       # CLE, high-bias absorption
+    report = algorithms.after_calibration(rewritten, scheme.algorithms, x, model, report)  # AdaRound, bias corr.
 
 Order (as the papers recommend): cross-layer equalization on the float
 folded weights, then activation calibration, then AdaRound, then bias
 correction of whatever shift the final weights leave.  The exported model has
 the same ops as plain PTQ.
+
+One registry, `REGISTRY`, keyed by the scheme's algorithm names
+(`schemes.ALGORITHM_NAMES`, which also fixes the order); each entry is an
+`api.Algorithm`. Adding an algorithm: its options in `schemes.Algorithms`
+(and its name in ALGORITHM_NAMES), one class here, its module beside this one.
 """
 
 from __future__ import annotations
@@ -17,56 +22,107 @@ import time
 from qtoolkit.algorithms import adaround as _adaround
 from qtoolkit.algorithms import bias_correction as _bc
 from qtoolkit.algorithms import cle as _cle
+from qtoolkit.algorithms.api import Algorithm, State
+from qtoolkit.schemes import ALGORITHM_NAMES
+
+
+class _CLE:
+    stage = "before_calibration"
+
+    def needs_data(self, options) -> bool:
+        return False
+
+    def run(self, rewritten, options, state: State) -> dict:
+        t0 = time.perf_counter()
+        state.cle_scales = _cle.equalize(rewritten, relu6=options.cle_relu6)
+        return {"pairs": len(state.cle_scales), "seconds": time.perf_counter() - t0}
+
+
+class _HighBiasAbsorption:
+    stage = "before_calibration"
+
+    def needs_data(self, options) -> bool:
+        return False
+
+    def run(self, rewritten, options, state: State) -> dict:
+        t0 = time.perf_counter()
+        stats = _bc.batch_norm_stats(state.model, rewritten, state.cle_scales)
+        moved = _cle.absorb_high_bias(rewritten, stats)
+        # The absorbing layers' pre-activation means drop by c: what analytic bias correction must see.
+        state.bn_stats = {name: (beta - moved.get(name, 0.0), gamma) for name, (beta, gamma) in stats.items()}
+        channels = int(sum((c > 0).sum() for c in moved.values()))
+        return {"layers": len(moved), "channels": channels, "seconds": time.perf_counter() - t0}
+
+
+class _AdaRound:
+    stage = "after_calibration"
+
+    def needs_data(self, options) -> bool:
+        return True
+
+    def run(self, rewritten, options, state: State) -> dict:
+        times = _adaround.adaround(rewritten, state.inputs, options.adaround_iterations, options.adaround_reg,
+                                   log=state.log)
+        return {"iterations": options.adaround_iterations, "seconds": times}
+
+
+class _BiasCorrection:
+    stage = "after_calibration"
+
+    def needs_data(self, options) -> bool:
+        return options.bias_correction == "empirical"
+
+    def run(self, rewritten, options, state: State) -> dict:
+        t0 = time.perf_counter()
+        if options.bias_correction == "empirical":
+            shifts = _bc.correct_empirical(rewritten, state.inputs)
+        else:
+            stats = state.bn_stats or _bc.batch_norm_stats(state.model, rewritten, state.cle_scales)
+            shifts = _bc.correct_analytic(rewritten, stats)
+        return {"kind": options.bias_correction, "layers": len(shifts), "seconds": time.perf_counter() - t0}
+
+
+REGISTRY: dict[str, Algorithm] = {"cle": _CLE(), "high_bias_absorption": _HighBiasAbsorption(),
+                                  "adaround": _AdaRound(), "bias_correction": _BiasCorrection()}
+assert tuple(REGISTRY) == ALGORITHM_NAMES, "REGISTRY must list schemes.ALGORITHM_NAMES, in that order"
 
 
 def needs_rewrite(options) -> bool:
     """True when any algorithm is enabled (they all work on qtoolkit's rewritten model)."""
-    return options.cle or options.high_bias_absorption or options.adaround or options.bias_correction != "none"
+    return bool(options.enabled())
 
 
 def needs_data(options) -> bool:
     """True when the options need calibration inputs held in memory."""
-    return options.adaround or options.bias_correction == "empirical"
+    return any(REGISTRY[name].needs_data(options) for name in options.enabled())
+
+
+def _run_stage(stage, rewritten, options, state: State, report: dict) -> dict:
+    for name in options.enabled():
+        algorithm = REGISTRY[name]
+        if algorithm.stage == stage:
+            report[name] = algorithm.run(rewritten, options, state)
+    return report
 
 
 def before_calibration(rewritten, options, model=None) -> dict:
-    """Cross-layer equalization, then high-bias absorption (each if enabled). Returns a report dict.
+    """The algorithms that work on the float folded weights (CLE, high-bias absorption). Returns a report dict.
 
-    `model` is the original Keras model (its batch norms give absorption's statistics).
+    `model` is the original Keras model (its batch norms give absorption's statistics). The report carries the
+    state the later algorithms need under "_state"; `after_calibration` removes it.
     """
-    report = {}
-    if options.cle:
-        t0 = time.perf_counter()
-        scales = _cle.equalize(rewritten, relu6=options.cle_relu6)
-        report["cle"] = {"pairs": len(scales), "seconds": time.perf_counter() - t0}
-        report["cle_scales"] = scales
-    if options.high_bias_absorption:
-        t0 = time.perf_counter()
-        stats = _bc.batch_norm_stats(model, rewritten, report.get("cle_scales"))
-        moved = _cle.absorb_high_bias(rewritten, stats)
-        channels = int(sum((c > 0).sum() for c in moved.values()))
-        report["high_bias_absorption"] = {"layers": len(moved), "channels": channels,
-                                          "seconds": time.perf_counter() - t0}
-        # The absorbing layers' pre-activation means drop by c: what analytic bias correction must see.
-        report["bn_stats"] = {name: (beta - moved.get(name, 0.0), gamma) for name, (beta, gamma) in stats.items()}
-    return report
+    state = State(model=model)
+    return _run_stage("before_calibration", rewritten, options, state, {"_state": state})
 
 
 def after_calibration(rewritten, options, inputs=None, model=None, report=None, log=None) -> dict:
-    """AdaRound, then bias correction (each if enabled). Returns the report dict, extended."""
+    """The algorithms that run once ranges are calibrated (AdaRound, then bias correction). Returns the report."""
     report = dict(report or {})
-    if options.adaround:
-        times = _adaround.adaround(rewritten, inputs, options.adaround_iterations, options.adaround_reg, log=log)
-        report["adaround"] = {"iterations": options.adaround_iterations, "seconds": times}
-    if options.bias_correction == "empirical":
-        t0 = time.perf_counter()
-        shifts = _bc.correct_empirical(rewritten, inputs)
-        report["bias_correction"] = {"kind": "empirical", "layers": len(shifts), "seconds": time.perf_counter() - t0}
-    elif options.bias_correction == "analytic":
-        t0 = time.perf_counter()
-        stats = report.get("bn_stats") or _bc.batch_norm_stats(model, rewritten, report.get("cle_scales"))
-        shifts = _bc.correct_analytic(rewritten, stats)
-        report["bias_correction"] = {"kind": "analytic", "layers": len(shifts), "seconds": time.perf_counter() - t0}
-    report.pop("cle_scales", None)
-    report.pop("bn_stats", None)
-    return report
+    state = report.pop("_state", None) or State(model=model)
+    state.inputs, state.log = inputs, log
+    state.model = state.model if state.model is not None else model
+    return _run_stage("after_calibration", rewritten, options, state, report)
+
+
+__all__ = ["REGISTRY", "Algorithm", "State", "needs_rewrite", "needs_data", "before_calibration",
+           "after_calibration"]

@@ -18,12 +18,9 @@ import os
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
+from qtoolkit.errors import DataError  # noqa: F401  (raised here; defined with the others)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
-
-
-class DataError(ValueError):
-    """Calibration or verification data that does not fit the model."""
 
 
 Spec = tuple  # (name, shape with batch axis, dtype)

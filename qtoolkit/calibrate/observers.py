@@ -27,6 +27,7 @@ import numpy as np
 
 from qtoolkit import quantizers as q
 from qtoolkit.schemes import RANGE_METHODS, ActivationQuant
+from qtoolkit.errors import NoDataError  # noqa: F401  (raised here; defined with the others)
 
 
 class Observer(Protocol):
@@ -35,10 +36,6 @@ class Observer(Protocol):
     def update(self, batch: np.ndarray) -> None: ...
 
     def range(self) -> tuple[float, float]: ...
-
-
-class NoDataError(ValueError):
-    """An observer was asked for a range before seeing data."""
 
 
 class MinMaxObserver:

@@ -31,6 +31,7 @@ from typing import Callable
 import tf_keras as keras
 
 from qtoolkit import datasets
+from qtoolkit.errors import ReferenceUnavailable  # noqa: F401  (raised here; defined with the others)
 
 L = keras.layers
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
@@ -131,10 +132,6 @@ def mobilenet_v1_dead(input_shape=(28, 28, 1), classes=10, name="mobilenet_v1_de
 REFERENCE["mobilenet_v1_dead_fmnist"] = Reference("mobilenet_v1_dead_fmnist", mobilenet_v1_dead, "fashion_mnist",
                                                   _EPOCHS["fashion_mnist"], _BATCH["fashion_mnist"],
                                                   learning_rate=2e-2)
-
-
-class ReferenceUnavailable(RuntimeError):
-    """A reference model's weights are missing; the message says how to make them."""
 
 
 def reference(name: str) -> Reference:
