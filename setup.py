@@ -12,8 +12,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["qtoolkit", "qtoolkit.*"]),
-    include_package_data=True,
-    # The reference models' trained weights (qtoolkit.zoo) ship with the package.
+    # The reference models' trained weights (qtoolkit.zoo) ship with the package, listed here only:
+    # include_package_data would also pick up the weights/ folder as an (undeclared) package and warn.
+    include_package_data=False,
     package_data={"qtoolkit.zoo": ["weights/*.keras", "weights/*.json"]},
     install_requires=[
         "tensorflow==2.21.*",
@@ -29,7 +30,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],
         "data": ["scikit-learn>=1.3"],
         "plots": ["matplotlib>=3.7"],
     },

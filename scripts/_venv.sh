@@ -19,7 +19,9 @@ WANT="$(cat setup.py pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
   echo "installing qtoolkit and its dependencies into .venv (first run takes a few minutes)" >&2
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[test,data,plots]'
+  # setuptools notes every editable install ("Editable installation ... be careful with folders"): information
+  # about the mechanism, not about this project, so it is silenced; real warnings still show.
+  PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install --quiet -e '.[test,data,plots]'
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"

@@ -96,8 +96,15 @@ def with_custom_layer(input_shape=(8, 8, 3)):
     return keras.Model(inp, out, name="custom")
 
 
+_TRAINED_DIGITS = {}  # (epochs, seed) -> trained weights: trained once per test session
+
+
 def train_digits(epochs=20, seed=0):
-    """A small depthwise-separable CNN with batch norm, trained on sklearn digits."""
+    """A small depthwise-separable CNN with batch norm, trained on sklearn digits.
+
+    Trained once per (epochs, seed) in a session; each call returns a new model with those weights, so a
+    test that changes its model does not change another test's.
+    """
     from qtoolkit import datasets
 
     keras.utils.set_random_seed(seed)
@@ -117,5 +124,9 @@ def train_digits(epochs=20, seed=0):
     model = keras.Model(inp, out, name="digits_cnn")
     model.compile(keras.optimizers.Adam(3e-3),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"])
-    model.fit(x_train, y_train, batch_size=32, epochs=epochs, verbose=0)
+    if (epochs, seed) in _TRAINED_DIGITS:
+        model.set_weights(_TRAINED_DIGITS[(epochs, seed)])
+    else:
+        model.fit(x_train, y_train, batch_size=32, epochs=epochs, verbose=0)
+        _TRAINED_DIGITS[(epochs, seed)] = model.get_weights()
     return model, (x_train, y_train), (x_test, y_test)

@@ -175,6 +175,7 @@ def test_qat_model_saves_and_loads(tmp_path):
     np.testing.assert_allclose(loaded.predict(x, verbose=0), qm.predict(x, verbose=0), atol=1e-6)
 
 
+@pytest.mark.slow  # a QAT training of the coverage model
 def test_nested_model_and_standalone_bn_train_and_export():
     model = models.coverage()
     qm = qat.quantize_model(model, "int8")
@@ -206,6 +207,7 @@ def test_dropout_regularizes_qat_training_and_vanishes_at_export():
     assert gap.max_error_steps <= 1.5
 
 
+@pytest.mark.slow  # a separate TensorFlow process with two logical devices
 def test_mirrored_strategy_gives_single_device_ranges():
     """Two logical CPUs (a fresh process: devices are fixed at TensorFlow start-up)."""
     import json

@@ -113,6 +113,7 @@ def test_broken_entry_fails_and_is_named(tmp_path):
     assert float(suite.get("time")) > 0
 
 
+@pytest.mark.slow  # five regression runs; test_broken_entry_fails_and_is_named runs the job end to end in the default suite
 def test_baseline_fails_when_raised_and_update_restores_it(tmp_path):
     config = _write(tmp_path / "c.yaml", GOOD)
     out = str(tmp_path / "out")
@@ -133,6 +134,7 @@ def test_baseline_fails_when_raised_and_update_restores_it(tmp_path):
     assert regress.run(config, out, progress=False, log=None) == 0
 
 
+@pytest.mark.slow  # two CLI processes
 def test_cli_exit_codes(tmp_path):
     _write(tmp_path / "w2.yaml", BROKEN_SCHEME)
     config = _write(tmp_path / "c.yaml", """
@@ -157,6 +159,7 @@ entries:
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # the quick job: three reference models, 1,000 samples each
 def test_quick_config_passes(tmp_path):
     """The CI job: the quick config on the committed reference models, against its committed baseline."""
     out = tmp_path / "quick"

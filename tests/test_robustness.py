@@ -35,11 +35,11 @@ def files(tmp_path_factory):
     np.save(d / "calib.npy", rng.uniform(0, 1, (120, 8, 8, 1)).astype(np.float32))
     a, b = keras.Input((4,), name="a"), keras.Input((4,), name="b")
     keras.Model([a, b], keras.layers.Dense(2)(keras.layers.Concatenate()([a, b]))).save(d / "two_inputs.keras")
-    # A real Keras 3 file, written by Keras 3 in a separate process.
-    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
-    subprocess.run([sys.executable, "-c", "import keras; m = keras.Sequential([keras.Input((8, 8, 1)), "
-                    "keras.layers.Flatten(), keras.layers.Dense(2)]); m.save(%r)" % str(d / "keras3.keras")],
-                   env=env, check=True, capture_output=True, timeout=300)
+    # A real Keras 3 file, written by Keras 3 (the `keras` package is Keras 3 beside tf_keras in this process).
+    import keras as keras3
+
+    keras3.Sequential([keras3.Input((8, 8, 1)), keras3.layers.Flatten(), keras3.layers.Dense(2)]).save(
+        d / "keras3.keras")
     return d
 
 
@@ -129,7 +129,13 @@ def test_bad_input_run(files, tmp_path, capsys, case, build, fragment):
     assert _snapshot(tmp_path) == before  # nothing written, the old output untouched, no temp file
 
 
-@pytest.mark.parametrize("case,build,fragment", CASES, ids=[c[0] for c in CASES])
+# The real command line costs a process start (TensorFlow import) per case: the default suite runs one case per
+# kind (model file, data, scheme, output); every case runs in-process above and through the CLI in `-m slow`.
+CLI_FAST = {"truncated .keras", "NaN"}
+
+
+@pytest.mark.parametrize("case,build,fragment", [
+    pytest.param(*c, marks=() if c[0] in CLI_FAST else pytest.mark.slow) for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_command_line(files, tmp_path, case, build, fragment):
     flags = _flags(files, tmp_path, build)
     before = _snapshot(tmp_path)
@@ -143,6 +149,17 @@ def test_bad_input_command_line(files, tmp_path, case, build, fragment):
 
 
 def test_verbose_shows_the_traceback(files, tmp_path):
+    from qtoolkit import loading
+
+    flags = dict(model=f"{tmp_path}/missing.keras", output=f"{tmp_path}/m.tflite",
+                 calibration_data=f"{files}/calib.npy")
+    with flagsaver.flagsaver(**flags, verbose=True):  # the error propagates: absl prints its traceback
+        with pytest.raises(loading.ModelLoadError, match="does not exist"):
+            convert.main(["convert"])
+
+
+@pytest.mark.slow
+def test_verbose_shows_the_traceback_command_line(files, tmp_path):
     argv = [sys.executable, "-m", "qtoolkit.convert", f"--model={tmp_path}/missing.keras",
             f"--output={tmp_path}/m.tflite", f"--calibration_data={files}/calib.npy", "--verbose"]
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -151,7 +168,8 @@ def test_verbose_shows_the_traceback(files, tmp_path):
 
 # ------------------------------------------------------------- unsafe files
 
-@pytest.mark.parametrize("fmt", ["keras", "h5", "saved_model"])
+@pytest.mark.parametrize("fmt", ["keras", pytest.param("h5", marks=pytest.mark.slow),
+                                 pytest.param("saved_model", marks=pytest.mark.slow)])
 def test_lambda_layers_are_refused_and_never_run(tmp_path, fmt):
     marker = tmp_path / "MARKER"
     inp = keras.Input((8, 8, 1))
@@ -188,6 +206,30 @@ def test_yaml_and_npy_are_read_safely(tmp_path):
 
 # ------------------------------------------------------ interruption, disk full
 
+def test_sigterm_mid_run_exits_130_and_writes_nothing(files, tmp_path, capsys, monkeypatch):
+    """In-process: SIGTERM arrives during calibration (the command-line version is in the slow suite)."""
+    out = tmp_path / "m.tflite"
+    out.write_bytes(b"previous model")
+    from qtoolkit import calibrate as cal
+
+    real = cal.calibrate
+
+    def calibrate_then_terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled by qtoolkit._cli.run: becomes KeyboardInterrupt here
+        time.sleep(5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cal, "calibrate", calibrate_then_terminated)
+    with flagsaver.flagsaver(model=str(files / "model.keras"), output=str(out),
+                             calibration_data=str(files / "calib.npy")):
+        rc = convert.main(["convert"])
+    assert rc == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: interrupted; nothing was written")
+    assert out.read_bytes() == b"previous model"
+    assert sorted(os.listdir(tmp_path)) == ["m.tflite"]
+
+
+@pytest.mark.slow  # a real process killed mid-calibration, by both signals
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_leaves_nothing(files, tmp_path, sig):
     np.save(tmp_path / "big.npy", np.random.default_rng(0).uniform(0, 1, (60000, 8, 8, 1)).astype(np.float32))
@@ -236,6 +278,7 @@ def test_disk_full_at_write_time(files, tmp_path, monkeypatch):
 
 # ------------------------------------------------------- determinism, limits
 
+@pytest.mark.slow  # two CLI processes; tests/test_pipeline.py checks determinism within one process
 def test_byte_identical_across_processes(files, tmp_path):
     outputs = []
     for i in range(2):

@@ -30,6 +30,7 @@ def test_architectures_are_the_papers_kinds():
     assert "Add" in kinds["resnet"] and "DepthwiseConv2D" not in kinds["resnet"]
 
 
+@pytest.mark.slow  # trains twice
 def test_training_is_deterministic():
     weights = []
     import tf_keras as keras
