@@ -3,11 +3,11 @@
     import qtoolkit
     scheme = qtoolkit.load_scheme("int8")
 
-The package sets TF_USE_LEGACY_KERAS=1 before TensorFlow is imported (see
-`qtoolkit/_env.py`): qtoolkit works on Keras 2 (`tf_keras`) models.
+Importing qtoolkit never changes which Keras `tf.keras` is for the user's code
+(see `qtoolkit/_env.py`); it reads Keras 2 models through `tf_keras` directly.
 """
 
-from qtoolkit import _env  # noqa: F401  (must run before TensorFlow is imported)
+from qtoolkit import _env  # noqa: F401  (TensorFlow's log level, before TensorFlow is imported)
 from qtoolkit.schemes import QuantScheme, SchemeError
 from qtoolkit.schemes import load as load_scheme
 

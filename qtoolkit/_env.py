@@ -1,31 +1,41 @@
-"""Process set-up that must happen before TensorFlow is imported.
+"""Process set-up shared by every entry point, with no effect on which Keras the user's code gets.
 
-qtoolkit works on Keras 2 models through the `tf_keras` package, because
-TensorFlow Model Optimization (TFMOT), whose quantizer and wrapper interfaces
-qtoolkit builds on, only accepts Keras 2 layers.  TensorFlow picks the Keras
-flavour behind `tf.keras` once, at import time, from `TF_USE_LEGACY_KERAS`; so
-every qtoolkit entry point imports this module first.
+qtoolkit reads Keras 2 models through the `tf_keras` package directly, never
+through `tf.keras`, whose flavour TensorFlow picks once, at its first use,
+from `TF_USE_LEGACY_KERAS`.  TensorFlow Model Optimization (TFMOT), whose
+quantizer interface the Keras 2 layers build on, sets that variable to 1 when
+it is imported and then touches `tf.keras`: imported plainly, it would switch
+the user's `tf.keras` from Keras 3 to tf_keras for the whole process.
+`import_tfmot_quantizers` first lets `tf.keras` resolve as the user's
+environment says, then imports TFMOT and restores the variable.
 
-    import qtoolkit  # sets TF_USE_LEGACY_KERAS=1 if TensorFlow is not loaded yet
+    from qtoolkit import _env
+    tfmot_quantizers = _env.import_tfmot_quantizers()
 """
 
 import os
 import sys
-import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-if "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1":
-    warnings.warn(
-        "TensorFlow was imported before qtoolkit without TF_USE_LEGACY_KERAS=1; "
-        "qtoolkit uses tf_keras (Keras 2) directly, but tf.keras in this process "
-        "is Keras 3. Import qtoolkit first, or set TF_USE_LEGACY_KERAS=1.",
-        stacklevel=2,
-    )
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
 # TensorFlow prints oneDNN/CUDA notices at import unless this is set explicitly
 # (1 is TensorFlow's default on x86, so behaviour does not change).
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+
+def import_tfmot_quantizers():
+    """TFMOT's `quantizers` module, imported without changing the user's `tf.keras` or environment."""
+    import tensorflow as tf
+
+    before = os.environ.get("TF_USE_LEGACY_KERAS")
+    getattr(tf.keras, "__version__", None)  # tf.keras decides its flavour now, from the user's environment
+    try:
+        from tensorflow_model_optimization.quantization.keras import quantizers
+    finally:
+        if before is None:
+            os.environ.pop("TF_USE_LEGACY_KERAS", None)
+        else:
+            os.environ["TF_USE_LEGACY_KERAS"] = before
+    return quantizers
 
 
 class quiet_native_stderr:

@@ -123,6 +123,11 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
         range_method=range_method, batch_size=batch_size, strict=strict, image_size=size,
         image_scale=_pair(image_scale, "image_scale", float), allow_unsafe=allow_unsafe, log=log)
     result = pipeline.ptq(prepared, labels=y, io_dtype=io_dtype, log=log)
+    version = prepared.loaded.keras_version
+    if version:
+        print(f"model: Keras {version}" + (" (read into its tf_keras twin: same layers and weights, checked on "
+                                           "the verification samples)" if version == "3" else " (tf_keras)"),
+              file=out)
     print(f"scheme {result.scheme.name}: {result.path}", file=out)
     for note in result.notes:
         print(f"note: {note}", file=out)

@@ -6,7 +6,7 @@
 
 Models are loaded with Keras' safe mode: serialized Python code (Lambda
 layers) is refused unless `allow_unsafe=True`.  A Keras 3 `.keras` file is
-recognised and refused with what to do instead.
+loaded by Keras 3 and read into its tf_keras twin (`rewrite.keras3`).
 """
 
 from __future__ import annotations
@@ -26,11 +26,39 @@ from qtoolkit.errors import ModelLoadError  # noqa: F401  (raised here; defined 
 
 @dataclasses.dataclass
 class LoadedModel:
-    """A loaded model: a tf_keras model, or only a SavedModel path."""
+    """A loaded model: a tf_keras model, or only a SavedModel path.
+
+    Attributes:
+      path: the file or folder, or "<in memory>".
+      keras_model: the tf_keras model qtoolkit rewrites (for a Keras 3 model: its tf_keras twin, see
+        `rewrite.keras3`), or None for a SavedModel without Keras metadata.
+      kind: "keras", "h5", "saved_model_keras" or "saved_model".
+      source_model: the user's Keras 3 model when `keras_model` is its twin (the float reference), else None.
+    """
 
     path: str
     keras_model: Optional[keras.Model]
     kind: str  # "keras", "h5", "saved_model_keras", "saved_model"
+    source_model: Optional[object] = None
+
+    @property
+    def keras_version(self) -> str:
+        """"3" for a Keras 3 model, "2" for tf_keras, "" without a Keras model."""
+        return "3" if self.source_model is not None else ("2" if self.keras_model is not None else "")
+
+    @property
+    def reference_model(self):
+        """The model whose float outputs the quantized one is compared with: the user's own."""
+        return self.source_model if self.source_model is not None else self.keras_model
+
+
+def from_memory(model) -> LoadedModel:
+    """A model object the user passed (tf_keras or Keras 3), as a LoadedModel; never modified."""
+    from qtoolkit.rewrite import keras3
+
+    if keras3.is_keras3(model):
+        return LoadedModel("<in memory>", keras3.to_tf_keras(model), "keras", source_model=model)
+    return LoadedModel("<in memory>", model, "keras")
 
 
 def _keras_version_of_zip(path: str) -> Optional[str]:
@@ -101,6 +129,41 @@ def _refuse_unsafe(path: str, kind: str, allow_unsafe: bool) -> None:
             "--allow_unsafe_deserialization (allow_unsafe=True)")
 
 
+def _keras_version_of_h5(path: str) -> str:
+    """The `keras_version` an .h5 file was written by, or "" when unreadable or absent."""
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            value = f.attrs.get("keras_version", "")
+        return value.decode() if isinstance(value, bytes) else str(value)
+    except (OSError, ValueError):
+        return ""
+
+
+def _load_keras3(path: str, kind: str, version: str, allow_unsafe: bool) -> LoadedModel:
+    """A file written by Keras 3: loaded by Keras 3 (safe mode), read into its tf_keras twin."""
+    _refuse_unsafe(path, kind, allow_unsafe)
+    from qtoolkit.rewrite import keras3
+
+    import keras as keras_3  # Keras 3 itself reads its files
+
+    keras3.check_backend()
+    try:
+        model = keras_3.saving.load_model(path, compile=False, safe_mode=not allow_unsafe)
+    except Exception as e:  # noqa: BLE001  (Keras raises many types for bad files)
+        message = _first_line(e)
+        if "could not locate" in message.lower() or "unknown layer" in message.lower():
+            raise ModelLoadError(f"{path}: cannot load the model ({message}); it names a class Keras 3 does not "
+                                 "know: a custom layer must be registered (keras.saving.register_keras_serializable) "
+                                 "and imported before loading") from None
+        raise ModelLoadError(f"{path}: cannot load the model saved by Keras {version} ({message}); is the file "
+                             "complete?") from None
+    if not isinstance(model, keras_3.Model):
+        raise ModelLoadError(f"{path}: loaded a {type(model).__name__}, not a Keras model")
+    return LoadedModel(path, keras3.to_tf_keras(model), kind, source_model=model)
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
@@ -143,13 +206,14 @@ def load_model(path: str, allow_unsafe: bool = False) -> LoadedModel:
         if version is None:
             raise ModelLoadError(f"{path}: not a valid .keras file (corrupt or truncated zip archive); "
                                  "save the model again")
-        if version.startswith("3"):
-            raise ModelLoadError(f"{path} was saved by Keras {version} (Keras 3), which qtoolkit does not "
-                                 "support yet; rebuild the model with `import tf_keras as keras` and save it "
-                                 "again, or export a SavedModel (model.export(dir)) and convert that")
         kind = "keras"
+        if version.startswith("3"):
+            return _load_keras3(path, kind, version, allow_unsafe)
     elif lower.endswith((".h5", ".hdf5")):
         kind = "h5"
+        version = _keras_version_of_h5(path)
+        if version.startswith("3"):
+            return _load_keras3(path, kind, version, allow_unsafe)
     else:
         raise ModelLoadError(f"{path}: unknown model format; give a SavedModel folder, a .keras or an .h5 file")
     _refuse_unsafe(path, kind, allow_unsafe)
@@ -161,8 +225,7 @@ def load_model(path: str, allow_unsafe: bool = False) -> LoadedModel:
             raise ModelLoadError(f"{path} contains serialized Python code (a Lambda layer) that qtoolkit will "
                                  "not run by default; if you trust the file, pass --allow_unsafe_deserialization"
                                  ) from None
-        raise ModelLoadError(f"{path}: cannot load the model ({message}); is the file complete and "
-                             "written by tf_keras (Keras 2)?") from None
+        raise ModelLoadError(f"{path}: cannot load the model ({message}); is the file complete?") from None
     if not isinstance(model, keras.Model):
         raise ModelLoadError(f"{path}: loaded a {type(model).__name__}, not a Keras model")
     return LoadedModel(path, model, kind)

@@ -29,7 +29,7 @@ import numpy as np
 from qtoolkit import algorithms
 from qtoolkit import calibrate as cal
 from qtoolkit import export, rewrite
-from qtoolkit.loading import LoadedModel, load_model
+from qtoolkit.loading import LoadedModel, from_memory, load_model
 from qtoolkit.schemes import QuantScheme, load as load_scheme
 
 DEFAULT_CALIBRATION_SAMPLES = 500
@@ -125,7 +125,7 @@ def prepare(model: Any, calibration_data: Any, scheme: Any = "int8", *,
             raise ValueError(f"scheme {scheme.name!r} has no activation quantization; --range_method does not apply")
         scheme = scheme.replace(activations={"method": range_method})
     loaded = model if isinstance(model, LoadedModel) else (
-        load_model(model, allow_unsafe) if isinstance(model, str) else LoadedModel("<in memory>", model, "keras"))
+        load_model(model, allow_unsafe) if isinstance(model, str) else from_memory(model))
     keras_model = loaded.keras_model
     if keras_model is not None:
         export.check_size_estimate(keras_model, 1.0)  # int8 weights: one byte per parameter
@@ -171,9 +171,31 @@ def prepare(model: Any, calibration_data: Any, scheme: Any = "int8", *,
         for _ in source.take(n_cal):  # skip the calibration samples: verify on held-out ones
             pass
     ver = (ver_source or source).collect(n_ver)
+    if loaded.source_model is not None:
+        _check_twin(loaded, ver)
     seconds["total"] = time.perf_counter() - t0
     return Prepared(loaded, scheme, specs, n_cal, cal_inputs, ver, rewritten, calibration, algorithm_report,
                     seconds)
+
+
+TWIN_TOLERANCE = 1e-3  # relative to the output's range: float rounding of a different op order, nothing more
+
+
+def _check_twin(loaded: LoadedModel, inputs: list) -> None:
+    """The tf_keras twin of a Keras 3 model computes the same outputs on the verification samples."""
+    from qtoolkit import verify
+
+    ours = verify.predict_keras(loaded.keras_model, inputs, all_outputs=True)
+    theirs = verify.predict_keras(loaded.source_model, inputs, all_outputs=True)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        scale = max(float(np.max(np.abs(b))), 1e-6)
+        error = float(np.max(np.abs(a - b))) / scale
+        if not error <= TWIN_TOLERANCE:
+            from qtoolkit.errors import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                f"the tf_keras twin of the Keras 3 model differs on output {i} by {error:.2g} of its range "
+                "(a layer behaves differently in the two Keras versions); please report it with the model")
 
 
 def split(source, n_cal, n_ver, separate_verification: bool) -> tuple[int, int]:

@@ -204,15 +204,16 @@ def _from_tensor(t: np.ndarray, detail: Mapping) -> np.ndarray:
     return np.array(t, np.float32)
 
 
-def predict_keras(model, x, batch_size: int = 64) -> np.ndarray:
-    """Runs a Keras model in batches, returning numpy (first output if several).
+def predict_keras(model, x, batch_size: int = 64, all_outputs: bool = False):
+    """Runs a Keras model (tf_keras or Keras 3) in batches, returning numpy (the first output if several).
 
-    `x` is an array, or a list with one array per model input.
+    `x` is an array, or a list with one array per model input; `all_outputs` returns a list of every output.
     """
     if isinstance(x, (list, tuple)) and len(x) == 1:
         x = x[0]
     out = model.predict(x, batch_size=batch_size, verbose=0)
-    return out[0] if isinstance(out, list) else out
+    outs = list(out.values()) if isinstance(out, dict) else (list(out) if isinstance(out, (list, tuple)) else [out])
+    return [np.asarray(o) for o in outs] if all_outputs else np.asarray(outs[0])
 
 
 _ROWS = (

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up .venv, trains a small CNN on scikit-learn's digits, quantizes it to a
+# Sets up .venv, trains a small Keras 3 CNN on scikit-learn's digits, quantizes it to a
 # fully-int8 TFLite model with `python -m qtoolkit.convert` and prints the
 # verification report (float vs int8 on held-out digits, LiteRT interpreter).
 #   scripts/demo.sh [extra qtoolkit.convert flags, e.g. --scheme int8_per_tensor]

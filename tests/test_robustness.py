@@ -35,11 +35,12 @@ def files(tmp_path_factory):
     np.save(d / "calib.npy", rng.uniform(0, 1, (120, 8, 8, 1)).astype(np.float32))
     a, b = keras.Input((4,), name="a"), keras.Input((4,), name="b")
     keras.Model([a, b], keras.layers.Dense(2)(keras.layers.Concatenate()([a, b]))).save(d / "two_inputs.keras")
-    # A real Keras 3 file, written by Keras 3 (the `keras` package is Keras 3 beside tf_keras in this process).
+    # A Keras 3 file with a layer tf_keras does not have (the `keras` package is Keras 3 beside tf_keras).
     import keras as keras3
 
-    keras3.Sequential([keras3.Input((8, 8, 1)), keras3.layers.Flatten(), keras3.layers.Dense(2)]).save(
-        d / "keras3.keras")
+    inp = keras3.Input((8, 8, 1))
+    out = keras3.layers.Dense(2)(keras3.layers.Flatten()(keras3.layers.RMSNormalization(name="rms")(inp)))
+    keras3.Model(inp, out).save(d / "keras3_custom.keras")
     return d
 
 
@@ -79,7 +80,7 @@ CASES = [
     ("truncated .keras", lambda f, t: dict(model=_truncate(f / "model.keras", t / "m.keras")), "not a valid .keras"),
     ("truncated .h5", lambda f, t: dict(model=_truncate(f / "model.h5", t / "m.h5")), "cannot load the model"),
     ("truncated SavedModel", lambda f, t: dict(model=_broken_saved_model(f, t)), "cannot load the SavedModel"),
-    ("Keras 3 file", lambda f, t: dict(model=str(f / "keras3.keras")), "Keras 3"),
+    ("Keras 3 custom layer", lambda f, t: dict(model=str(f / "keras3_custom.keras")), "has no tf_keras counterpart"),
     ("two inputs, one .npy", lambda f, t: dict(model=str(f / "two_inputs.keras")), "2 inputs (a, b)"),
     ("wrong rank", lambda f, t: dict(calibration_data=_npy(t, np.zeros((10, 64), np.float32))),
      "expects samples of shape (8, 8, 1)"),

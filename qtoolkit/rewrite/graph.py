@@ -91,9 +91,15 @@ def flatten(model) -> Graph:
         not tf_keras models (e.g. Keras 3).
     """
     if not isinstance(model, keras.Model):
+        from qtoolkit.rewrite import keras3
+
+        if keras3.is_keras3(model):
+            raise UnsupportedModelError(
+                f"{model.name!r} is a Keras 3 model: qtoolkit.ptq, qtoolkit.debug and `python -m qtoolkit.convert` "
+                "read it (into its tf_keras twin); quantization-aware training of Keras 3 models is not "
+                "available yet: rebuild the model with `import tf_keras as keras` for QAT")
         raise UnsupportedModelError(
-            f"expected a tf_keras (Keras 2) model, got {type(model).__module__}.{type(model).__name__}; "
-            "Keras 3 models (`import keras`) are not supported: rebuild the model with `import tf_keras`")
+            f"expected a Keras model, got {type(model).__module__}.{type(model).__name__}")
     if not getattr(model, "_is_graph_network", False):
         raise UnsupportedModelError(
             f"model {model.name!r} is a subclassed or unbuilt model; qtoolkit needs a Functional or a "

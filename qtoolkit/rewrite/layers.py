@@ -24,10 +24,12 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
-from tensorflow_model_optimization.quantization.keras import quantizers as tfmot_quantizers
 
+from qtoolkit import _env
 from qtoolkit import quantizers as q
 from qtoolkit.rewrite.ops import FUSABLE_ACTIVATIONS
+
+tfmot_quantizers = _env.import_tfmot_quantizers()  # leaves the user's tf.keras as it was
 
 
 class RangeQuantizer(tfmot_quantizers.Quantizer):

@@ -1,0 +1,147 @@
+"""Keras 3 models (`import keras`) on qtoolkit's own path: in memory, .keras and .h5, the CLI; no side effects."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tf_keras
+from absl.testing import flagsaver
+
+import keras  # Keras 3, beside tf_keras in this process
+import qtoolkit
+from helpers import tflite_graph
+from qtoolkit import convert, verify
+from qtoolkit.errors import QtoolkitError, UnsupportedModelError
+from qtoolkit.rewrite import keras3
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+X = np.random.default_rng(0).uniform(0, 1, (240, 12, 12, 3)).astype(np.float32)
+
+
+def _build(k, seed=0):
+    """The same CNN in either Keras (`k` is the keras or the tf_keras package): BN, ReLU6, depthwise, residual."""
+    inp = k.Input((12, 12, 3), name="image")
+    x = k.layers.Conv2D(8, 3, padding="same", use_bias=False, name="c1")(inp)
+    x = k.layers.BatchNormalization(name="bn1")(x)
+    x = k.layers.ReLU(6.0, name="r1")(x)
+    y = k.layers.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    y = k.layers.BatchNormalization(name="bn2")(y)
+    y = k.layers.ReLU(name="r2")(y)
+    x = k.layers.Add(name="res")([x, y])
+    x = k.layers.Conv2D(16, 1, activation="relu", name="pw")(x)
+    x = k.layers.GlobalAveragePooling2D(name="gap")(x)
+    return k.Model(inp, k.layers.Dense(5, name="logits")(x), name="cnn")
+
+
+def _keras3_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    model = _build(keras)
+    rng = np.random.default_rng(seed)  # batch norms with statistics of their own, as after training
+    for name in ("bn1", "bn2"):
+        bn = model.get_layer(name)
+        gamma, beta, mean, var = bn.get_weights()
+        bn.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.3, beta.shape),
+                        rng.normal(0, 0.3, mean.shape), rng.uniform(0.5, 2.0, var.shape)])
+    return model
+
+
+def test_import_leaves_the_users_tf_keras_alone():
+    """In a fresh process without TF_USE_LEGACY_KERAS, importing qtoolkit (and TFMOT behind it) keeps Keras 3."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    code = ("import os, qtoolkit, qtoolkit.rewrite, tensorflow as tf; "
+            "print(tf.keras.Model.__module__, os.environ.get('TF_USE_LEGACY_KERAS'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    module, variable = proc.stdout.split()[-2:]
+    assert module.startswith("keras.") and variable == "None"
+
+
+def test_twin_has_the_same_layers_weights_and_outputs():
+    model = _keras3_model()
+    twin = keras3.to_tf_keras(model)
+    assert isinstance(twin, tf_keras.Model)
+    assert [l.name for l in twin.layers] == [l.name for l in model.layers]
+    for a, b in zip(model.layers, twin.layers):
+        for wa, wb in zip(a.get_weights(), b.get_weights()):
+            np.testing.assert_array_equal(wa, wb)
+    np.testing.assert_allclose(twin.predict(X, verbose=0), model.predict(X, verbose=0), atol=1e-5)
+    assert model.get_layer("bn1").get_weights()[0].dtype == np.float32  # the user's model is untouched
+
+
+def test_keras3_model_gives_the_file_of_its_tf_keras_twin():
+    """The same weights built with tf_keras and with Keras 3: the same int8 file, the same measurements."""
+    model = _keras3_model()
+    tf2 = _build(tf_keras)
+    tf2.set_weights(model.get_weights())
+    r3 = qtoolkit.ptq(model, X, "int8", progress=False)
+    r2 = qtoolkit.ptq(tf2, X, "int8", progress=False)
+    assert r3.path == r2.path and "fake-quant" in r3.path  # qtoolkit's own path, not the converter's
+    assert r3.inspection.fully_quantized and r3.inspection.all_weights_per_channel
+    (_, ops3, tensors3), (_, ops2, tensors2) = tflite_graph(r3.tflite), tflite_graph(r2.tflite)
+    assert [op["op_name"] for op in ops3] == [op["op_name"] for op in ops2]
+    for op3, op2 in zip(ops3, ops2):  # every tensor: same dtype, same scale and zero point
+        for i3, i2 in zip(list(op3["inputs"]) + list(op3["outputs"]), list(op2["inputs"]) + list(op2["outputs"])):
+            if i3 >= 0:
+                assert tensors3[i3]["dtype"] == tensors2[i2]["dtype"]
+                np.testing.assert_allclose(tensors3[i3]["quantization"][0], tensors2[i2]["quantization"][0],
+                                           rtol=1e-5)
+                assert tensors3[i3]["quantization"][1] == tensors2[i2]["quantization"][1]
+    t3 = verify.LiteRTModel(r3.tflite).predict(X[:60])
+    t2 = verify.LiteRTModel(r2.tflite).predict(X[:60])
+    step = verify.LiteRTModel(r3.tflite).output_step()
+    assert np.max(np.abs(t3 - t2)) <= step + 1e-6
+    for key in ("float vs TFLite", "simulated vs TFLite"):
+        assert np.isclose(r3.comparisons[key].sqnr_db, r2.comparisons[key].sqnr_db, atol=0.1), key
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_keras3_files_convert_through_the_command_line(tmp_path, capsys, suffix):
+    model = _keras3_model()
+    path, calib, out = str(tmp_path / f"m{suffix}"), str(tmp_path / "c.npy"), str(tmp_path / "m.tflite")
+    model.save(path)
+    np.save(calib, X)
+    with flagsaver.flagsaver(model=path, calibration_data=calib, output=out):
+        assert convert.main(["convert"]) == 0
+    text = capsys.readouterr().out
+    assert "fake-quant path" in text and "simulated vs TFLite" in text and "no float ops" in text
+    assert os.path.getsize(out) > 0
+
+
+def test_keras3_functional_ops_are_read():
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((8, 8, 4))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="c")(inp)
+    x = keras.ops.relu(x * 0.5 + 1.0)
+    x = keras.ops.reshape(x, (-1, 256))
+    model = keras.Model(inp, keras.layers.Dense(3, name="d")(x))
+    x8 = np.random.default_rng(0).uniform(0, 1, (100, 8, 8, 4)).astype(np.float32)
+    r = qtoolkit.ptq(model, x8, "int8", progress=False)
+    assert r.inspection.fully_quantized and r.comparisons["float vs TFLite"].sqnr_db > 25
+
+
+def test_subclassed_keras3_model_is_one_clear_error():
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.d(x)
+
+    sub = Sub()
+    sub(np.zeros((1, 4), np.float32))
+    with pytest.raises(UnsupportedModelError, match="subclassed Keras 3 model.*functional API"):
+        qtoolkit.ptq(sub, np.zeros((20, 4), np.float32), progress=False)
+
+
+def test_qat_of_a_keras3_model_says_it_is_not_available():
+    with pytest.raises(QtoolkitError, match="Keras 3 model.*quantization-aware training.*not available yet"):
+        qtoolkit.quantize_model(_keras3_model(), "int8")
+
+
+def test_non_tensorflow_backend_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(UnsupportedModelError, match="'jax' backend.*KERAS_BACKEND=tensorflow"):
+        keras3.to_tf_keras(_keras3_model())
