@@ -12,6 +12,7 @@ all measured in this one run.
     python scripts/bench_ptq.py --models fmnist_mobilenet --calibration_samples 1000
     python scripts/bench_ptq.py --memory             # peak RSS vs number of calibration samples
     python scripts/bench_ptq.py --models InceptionV3 --seeds 1,2,3,4 --runs 10   # SQNR over seeded models
+    python scripts/bench_ptq.py --keras 2,3          # each model built with tf_keras and with Keras 3
 
 Keras applications models are built with weights=None (no downloads here) at
 reduced resolution and are fed uniform random inputs: they show coverage,
@@ -30,6 +31,7 @@ import time
 import qtoolkit  # noqa: F401  (Keras 2 before TensorFlow)
 import numpy as np
 import tensorflow as tf
+import keras as keras3  # Keras 3, for --keras 3
 import tf_keras as keras
 
 from qtoolkit import datasets, export, runtime, verify, zoo
@@ -40,23 +42,26 @@ APPS = {"MobileNet": 96, "MobileNetV2": 96, "MobileNetV3Small": 96, "MobileNetV3
 CACHE = os.path.join("build", "bench")
 
 
-def fashion_model():
+def fashion_model(keras_version="2"):
     """The MobileNet-v1-style reference model on Fashion-MNIST (qtoolkit.zoo, committed weights)."""
     (x_train, _), (x_test, y_test) = datasets.load("fashion_mnist")
-    return zoo.load("mobilenet_v1_fmnist"), x_train, x_test, y_test
+    return zoo.load("mobilenet_v1_fmnist", keras_version), x_train, x_test, y_test
 
 
-def app_model(name):
+def app_model(name, keras_version="2", seed=None):
     size = APPS[name]
-    model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3),
-                                              classifier_activation=None)
+    k = keras if keras_version == "2" else keras3
+    k.utils.set_random_seed(seed or 0)  # the same weights for the Keras 2 and the Keras 3 build
+    model = getattr(k.applications, name)(weights=None, input_shape=(size, size, 3),
+                                          classifier_activation=None)
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (1200, size, size, 3)).astype(np.float32)
     return model, x[:1000], x[1000:], None
 
 
-def bench(name, n_cal, n_ver, runs):
-    model, pool, x_ver, y_ver = fashion_model() if name == "fmnist_mobilenet" else app_model(name)
+def bench(name, n_cal, n_ver, runs, keras_version="2", seed=None):
+    model, pool, x_ver, y_ver = (fashion_model(keras_version) if name == "fmnist_mobilenet"
+                                 else app_model(name, keras_version, seed))
     calib = pool[:n_cal]
     x_ver = x_ver[:n_ver]
     y_ver = None if y_ver is None else y_ver[:n_ver]
@@ -131,7 +136,12 @@ def main():
     parser.add_argument("--seeds", default="",
                         help="comma-separated seeds: build each Keras applications model once per seed (seeded "
                              "random weights) and summarize qtoolkit's SQNR minus the converter's over them")
+    parser.add_argument("--keras", default="2", help="2 (tf_keras), 3 (Keras 3, `import keras`) or 2,3: each "
+                        "model built with that Keras (the same weights), rows side by side")
     args = parser.parse_args()
+    versions = args.keras.split(",")
+    if not set(versions) <= {"2", "3"}:
+        parser.error(f"--keras: expected 2, 3 or 2,3, got {args.keras!r}")
     for item in filter(None, args.sizes.split(",")):
         name, _, size = item.partition("=")
         if name not in APPS or not size.isdigit():
@@ -151,11 +161,10 @@ def main():
     for name in args.models.split(","):
         if name in APPS:
             print(f"<!-- {name} at {APPS[name]}x{APPS[name]} -->")
-        for seed in seeds:
-            if seed is not None:
-                keras.utils.set_random_seed(seed)
-            label = name if seed is None else f"{name} seed {seed}"
-            rows, gap, lat, sqnr_gain = bench(name, args.calibration_samples, args.verification_samples, args.runs)
+        for seed, version in [(s, v) for s in seeds for v in versions]:
+            label = (name if seed is None else f"{name} seed {seed}") + (" (Keras 3)" if version == "3" else "")
+            rows, gap, lat, sqnr_gain = bench(name, args.calibration_samples, args.verification_samples, args.runs,
+                                              version, seed)
             if header is None:
                 header = ["model", "tool", *next(iter(rows.values()))]
                 print("| " + " | ".join(header) + " |")
@@ -164,7 +173,7 @@ def main():
                 print(f"| {label} | {tool} | " + " | ".join(row.values()) + " |", flush=True)
             print(f"<!-- {label}: simulation gap {gap:.2f} output steps; float latency "
                   f"{lat[('float', 1)]:.2f} ms (1T) {lat[('float', 2)]:.2f} ms (2T) -->", flush=True)
-            differences.setdefault(name, []).append(sqnr_gain)
+            differences.setdefault(name + (" (Keras 3)" if version == "3" else ""), []).append(sqnr_gain)
     if len(seeds) > 1:
         print("\n| model | seeds | SQNR qtoolkit - converter, dB: mean | standard error | min | max |")
         print("|---|---|---|---|---|---|")

@@ -145,3 +145,22 @@ def test_non_tensorflow_backend_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
     with pytest.raises(UnsupportedModelError, match="'jax' backend.*KERAS_BACKEND=tensorflow"):
         keras3.to_tf_keras(_keras3_model())
+
+
+@pytest.mark.slow  # four Keras applications models, each converted twice
+@pytest.mark.parametrize("name", ["MobileNet", "MobileNetV2", "MobileNetV3Small", "EfficientNetB0"])
+def test_keras_applications_in_keras3_give_their_tf_keras_twins_file(name):
+    """keras.applications (Keras 3: hard_silu, Rescaling, Normalization, squeeze-excite) and tf_keras.applications
+    with the same weights: qtoolkit's int8 files compute the same outputs, fully int8."""
+    kwargs = dict(weights=None, input_shape=(96, 96, 3), classifier_activation=None, include_top=True)
+    if name == "MobileNet":
+        kwargs["alpha"] = 0.25
+    keras.utils.set_random_seed(0)
+    m3 = getattr(keras.applications, name)(**kwargs)
+    m2 = getattr(tf_keras.applications, name)(**kwargs)
+    m2.set_weights(m3.get_weights())
+    x = np.random.default_rng(0).uniform(-1, 1, (80, 96, 96, 3)).astype(np.float32)
+    r3, r2 = qtoolkit.ptq(m3, x, "int8", progress=False), qtoolkit.ptq(m2, x, "int8", progress=False)
+    assert r3.inspection.fully_quantized and r3.inspection.ops == r2.inspection.ops
+    t3, t2 = verify.LiteRTModel(r3.tflite).predict(x[:40]), verify.LiteRTModel(r2.tflite).predict(x[:40])
+    assert np.max(np.abs(t3 - t2)) <= verify.LiteRTModel(r3.tflite).output_step() + 1e-6

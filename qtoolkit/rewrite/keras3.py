@@ -134,7 +134,11 @@ class _Twin:
                 self.models[id(op)] = self.model(op)
             return self.models[id(op)](*args)
         if isinstance(op, keras.layers.Layer):
-            return self._layer(op)(*args, **kwargs)
+            activation = _HARD.get(op.get_config().get("activation"))
+            if isinstance(op, keras.layers.Activation) and activation:
+                return activation(args[0], op.name)
+            out = self._layer(op)(*args, **kwargs)
+            return activation(out, op.name) if activation else out
         return _operation(op, args, kwargs)
 
     def _layer(self, layer):
@@ -187,10 +191,28 @@ def _config(layer, cls) -> dict:
                     f"layer {layer.name!r} ({type(layer).__name__}): the Keras 3 option {key}={config[key]!r} has "
                     "no tf_keras equivalent; qtoolkit cannot convert it")
             del config[key]
+    if config.get("activation") in _HARD:  # applied after the layer, as TensorFlow ops (see _HARD)
+        config["activation"] = "linear"
     if isinstance(config.get("activation"), dict):
         raise UnsupportedModelError(f"layer {layer.name!r}: a custom activation ({config['activation']}) cannot be "
                                     "carried over; use a built-in activation or a separate layer")
     return config
+
+
+def _hard_sigmoid(x, name):
+    """Keras 3's hard_sigmoid, relu6(x + 3) / 6, as tf_keras' MobileNetV3 writes it (tf_keras' own
+    `hard_sigmoid` is 0.2 x + 0.5, clipped: another function)."""
+    return tf_keras.layers.ReLU(6.0, name=f"{name}_relu6")(x + 3.0) * (1.0 / 6.0)
+
+
+def _hard_silu(x, name):
+    """Keras 3's hard_silu / hard_swish: x * hard_sigmoid(x) (tf_keras has no such activation)."""
+    return tf_keras.layers.Multiply(name=f"{name}_multiply")([x, _hard_sigmoid(x, name)])
+
+
+# Keras 3 activations that tf_keras lacks or defines otherwise, applied as ops qtoolkit's rewriter reads
+# (constant add + ReLU6 + constant multiply: MobileNetV3's hard sigmoid, docs/design.md).
+_HARD = {"hard_sigmoid": _hard_sigmoid, "hard_silu": _hard_silu, "hard_swish": _hard_silu}
 
 
 def _operation(op, args, kwargs):

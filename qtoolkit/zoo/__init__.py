@@ -38,7 +38,8 @@ WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"
 MANIFEST = os.path.join(WEIGHTS_DIR, "manifest.json")
 
 
-def _conv_bn(x, filters, kernel, stride, name, activation="relu6", depthwise=False, epsilon=1e-3):
+def _conv_bn(x, filters, kernel, stride, name, activation="relu6", depthwise=False, epsilon=1e-3, k=keras):
+    L = k.layers
     if depthwise:
         x = L.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False, name=name)(x)
     else:
@@ -51,51 +52,55 @@ def _conv_bn(x, filters, kernel, stride, name, activation="relu6", depthwise=Fal
     return x
 
 
-def mobilenet_v1_small(input_shape=(28, 28, 1), classes=10, width=32, name="mobilenet_v1_small", bn_epsilon=1e-3):
-    """Conv-BN-ReLU6 stem, four depthwise-separable blocks (BN, ReLU6), GAP, dense."""
-    inp = keras.Input(input_shape, name="image")
-    x = _conv_bn(inp, width, 3, 1, "stem", epsilon=bn_epsilon)
+def mobilenet_v1_small(input_shape=(28, 28, 1), classes=10, width=32, name="mobilenet_v1_small", bn_epsilon=1e-3,
+                       k=keras):
+    """Conv-BN-ReLU6 stem, four depthwise-separable blocks (BN, ReLU6), GAP, dense (`k`: tf_keras or keras)."""
+    L = k.layers
+    inp = k.Input(input_shape, name="image")
+    x = _conv_bn(inp, width, 3, 1, "stem", epsilon=bn_epsilon, k=k)
     for i, (filters, stride) in enumerate([(width * 2, 2), (width * 2, 1), (width * 4, 2), (width * 4, 1)]):
-        x = _conv_bn(x, None, 3, stride, f"dw{i}", depthwise=True, epsilon=bn_epsilon)
-        x = _conv_bn(x, filters, 1, 1, f"pw{i}", epsilon=bn_epsilon)
+        x = _conv_bn(x, None, 3, stride, f"dw{i}", depthwise=True, epsilon=bn_epsilon, k=k)
+        x = _conv_bn(x, filters, 1, 1, f"pw{i}", epsilon=bn_epsilon, k=k)
     x = L.GlobalAveragePooling2D(name="gap")(x)
     out = L.Dense(classes, name="logits")(x)
-    return keras.Model(inp, out, name=name)
+    return k.Model(inp, out, name=name)
 
 
-def mobilenet_v2_small(input_shape=(28, 28, 1), classes=10, name="mobilenet_v2_small"):
+def mobilenet_v2_small(input_shape=(28, 28, 1), classes=10, name="mobilenet_v2_small", k=keras):
     """Stem, inverted residual blocks (expand 1x1 ReLU6, depthwise ReLU6, linear 1x1 bottleneck, residual add)."""
-    inp = keras.Input(input_shape, name="image")
-    x = _conv_bn(inp, 16, 3, 1, "stem")
+    L = k.layers
+    inp = k.Input(input_shape, name="image")
+    x = _conv_bn(inp, 16, 3, 1, "stem", k=k)
     channels = 16
     for i, (expand, filters, stride) in enumerate([(1, 16, 1), (6, 24, 2), (6, 24, 1), (6, 32, 2), (6, 32, 1)]):
         shortcut = x
-        y = x if expand == 1 else _conv_bn(x, channels * expand, 1, 1, f"b{i}_expand")
-        y = _conv_bn(y, None, 3, stride, f"b{i}_dw", depthwise=True)
-        y = _conv_bn(y, filters, 1, 1, f"b{i}_project", activation=None)
+        y = x if expand == 1 else _conv_bn(x, channels * expand, 1, 1, f"b{i}_expand", k=k)
+        y = _conv_bn(y, None, 3, stride, f"b{i}_dw", depthwise=True, k=k)
+        y = _conv_bn(y, filters, 1, 1, f"b{i}_project", activation=None, k=k)
         x = L.Add(name=f"b{i}_add")([shortcut, y]) if stride == 1 and filters == channels else y
         channels = filters
-    x = _conv_bn(x, 128, 1, 1, "head")
+    x = _conv_bn(x, 128, 1, 1, "head", k=k)
     x = L.GlobalAveragePooling2D(name="gap")(x)
     out = L.Dense(classes, name="logits")(x)
-    return keras.Model(inp, out, name=name)
+    return k.Model(inp, out, name=name)
 
 
-def resnet_small(input_shape=(28, 28, 1), classes=10, name="resnet_small"):
+def resnet_small(input_shape=(28, 28, 1), classes=10, name="resnet_small", k=keras):
     """Stem, basic residual blocks (two 3x3 conv-BN, projection shortcut when the shape changes), GAP, dense."""
-    inp = keras.Input(input_shape, name="image")
-    x = _conv_bn(inp, 16, 3, 1, "stem", activation="relu")
+    L = k.layers
+    inp = k.Input(input_shape, name="image")
+    x = _conv_bn(inp, 16, 3, 1, "stem", activation="relu", k=k)
     channels = 16
     for i, (filters, stride) in enumerate([(16, 1), (32, 2), (64, 2)]):
-        y = _conv_bn(x, filters, 3, stride, f"b{i}_conv1", activation="relu")
-        y = _conv_bn(y, filters, 3, 1, f"b{i}_conv2", activation=None)
+        y = _conv_bn(x, filters, 3, stride, f"b{i}_conv1", activation="relu", k=k)
+        y = _conv_bn(y, filters, 3, 1, f"b{i}_conv2", activation=None, k=k)
         shortcut = x if stride == 1 and filters == channels else _conv_bn(
-            x, filters, 1, stride, f"b{i}_shortcut", activation=None)
+            x, filters, 1, stride, f"b{i}_shortcut", activation=None, k=k)
         x = L.ReLU(name=f"b{i}_relu")(L.Add(name=f"b{i}_add")([shortcut, y]))
         channels = filters
     x = L.GlobalAveragePooling2D(name="gap")(x)
     out = L.Dense(classes, name="logits")(x)
-    return keras.Model(inp, out, name=name)
+    return k.Model(inp, out, name=name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +127,9 @@ REFERENCE = {f"{arch}_{_SHORT[ds]}": Reference(f"{arch}_{_SHORT[ds]}", build, ds
              for ds in ("fashion_mnist", "digits") for arch, build in ARCHITECTURES.items()}
 
 
-def mobilenet_v1_dead(input_shape=(28, 28, 1), classes=10, name="mobilenet_v1_dead"):
+def mobilenet_v1_dead(input_shape=(28, 28, 1), classes=10, name="mobilenet_v1_dead", k=keras):
     """mobilenet_v1_small with PyTorch's batch-norm epsilon (1e-5); trained at Adam 2e-2 it has dead channels."""
-    return mobilenet_v1_small(input_shape, classes, name=name, bn_epsilon=1e-5)
+    return mobilenet_v1_small(input_shape, classes, name=name, bn_epsilon=1e-5, k=k)
 
 
 # Dead channels: a channel the ReLU6 before it never lets through has batch variance ~0, so its folded
@@ -140,13 +145,25 @@ def reference(name: str) -> Reference:
     return REFERENCE[name]
 
 
-def load(name: str) -> keras.Model:
-    """The trained reference model `name` (see REFERENCE), from its committed weights."""
+def load(name: str, keras_version: str = "2"):
+    """The trained reference model `name` (see REFERENCE), from its committed weights.
+
+    `keras_version` "3" builds the same architecture with Keras 3 (`import keras`) and the same weights.
+    """
     ref = reference(name)
     if not os.path.isfile(ref.path):
         raise ReferenceUnavailable(f"{ref.path} is missing; train it with `python scripts/train_reference.py "
                                    f"--models {name}`")
-    return keras.models.load_model(ref.path, compile=False)
+    model = keras.models.load_model(ref.path, compile=False)
+    if keras_version == "2":
+        return model
+    if keras_version != "3":
+        raise ValueError(f"keras_version must be '2' or '3', got {keras_version!r}")
+    import keras as keras3
+
+    twin = ref.build(tuple(model.input_shape[1:]), model.output_shape[-1], name=model.name, k=keras3)
+    twin.set_weights(model.get_weights())
+    return twin
 
 
 def manifest() -> dict:
