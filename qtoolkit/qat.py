@@ -32,7 +32,8 @@ def quantize_model(model, scheme: Any = "int8", *, ema_decay: float = 0.999, cal
     """A trainable model with fake quant on weights and activations (straight-through gradients).
 
     Args:
-      model: a trained float tf_keras model (Functional or Sequential; nested models are inlined).
+      model: a trained float model, Keras 3 or tf_keras (Functional or Sequential; nested models are
+        inlined); never modified.
       scheme: preset name, YAML path or QuantScheme (its activation bits, weight bits and granularity).
       ema_decay: decay of the activation ranges' moving average of batch min/max.
       calibration_data: optional representative data to initialise the ranges
@@ -43,12 +44,17 @@ def quantize_model(model, scheme: Any = "int8", *, ema_decay: float = 0.999, cal
         False folds naively with the batch sigma (for ablations only).
 
     Returns:
-      A tf_keras model to compile and fit; save it with `model.save` and load it
-      with `custom_objects=qtoolkit.custom_objects()`.
+      A model of the same Keras version to compile and fit (Keras 3: its own compile/fit, optimizers,
+      callbacks); save it with `model.save` and load it with `custom_objects=qtoolkit.custom_objects()`.
     """
     scheme = scheme if isinstance(scheme, QuantScheme) else load_scheme(scheme)
     if scheme.activations is None:
         raise ValueError("quantize_model needs a scheme with activation quantization (not weight_only_int8)")
+    from qtoolkit.rewrite import keras3
+
+    is_keras3 = keras3.is_keras3(model)
+    if is_keras3:  # planned and built once, in tf_keras, from the model's twin; handed back as Keras 3 layers
+        model = keras3.to_tf_keras(model)
     result = rewrite(model, scheme, strict=strict, qat=True, ema_decay=ema_decay)
     for layer in result.model.layers:
         if isinstance(layer, QATFoldedConv):
@@ -61,6 +67,10 @@ def quantize_model(model, scheme: Any = "int8", *, ema_decay: float = 0.999, cal
         n = min(num_calibration_samples, source.num_samples or num_calibration_samples)
         # The scheme's range method (e.g. MSE), as PTQ would; the EMA of batch min/max takes over in training.
         calibrate.calibrate(result, source, n, scheme, progress=False)
+    if is_keras3:
+        from qtoolkit.rewrite import qat_layers3
+
+        return keras3.from_tf_keras(result.model, qat_layers3.FROM_TF_KERAS)
     return result.model
 
 
@@ -109,6 +119,10 @@ def export_tflite(qat_model, path: Optional[str] = None, io_dtype: str = "int8",
     """
     if path:
         export.check_writable(path)
+    from qtoolkit.rewrite import keras3
+
+    if keras3.is_keras3(qat_model):  # a Keras 3 QAT model: its tf_keras twin (same variables) is exported
+        qat_model = keras3.to_tf_keras(qat_model)
     inference = to_inference_model(qat_model)
     data = export.fake_quant_to_tflite(inference, io_dtype)
     if int4:

@@ -11,9 +11,9 @@ from absl.testing import flagsaver
 
 import keras  # Keras 3, beside tf_keras in this process
 import qtoolkit
-from helpers import tflite_graph
+from helpers import assert_quantized, tflite_graph
 from qtoolkit import convert, verify
-from qtoolkit.errors import QtoolkitError, UnsupportedModelError
+from qtoolkit.errors import UnsupportedModelError
 from qtoolkit.rewrite import keras3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +78,7 @@ def test_keras3_model_gives_the_file_of_its_tf_keras_twin():
     r3 = qtoolkit.ptq(model, X, "int8", progress=False)
     r2 = qtoolkit.ptq(tf2, X, "int8", progress=False)
     assert r3.path == r2.path and "fake-quant" in r3.path  # qtoolkit's own path, not the converter's
-    assert r3.inspection.fully_quantized and r3.inspection.all_weights_per_channel
+    assert_quantized(r3)
     (_, ops3, tensors3), (_, ops2, tensors2) = tflite_graph(r3.tflite), tflite_graph(r2.tflite)
     assert [op["op_name"] for op in ops3] == [op["op_name"] for op in ops2]
     for op3, op2 in zip(ops3, ops2):  # every tensor: same dtype, same scale and zero point
@@ -118,7 +118,7 @@ def test_keras3_functional_ops_are_read():
     model = keras.Model(inp, keras.layers.Dense(3, name="d")(x))
     x8 = np.random.default_rng(0).uniform(0, 1, (100, 8, 8, 4)).astype(np.float32)
     r = qtoolkit.ptq(model, x8, "int8", progress=False)
-    assert r.inspection.fully_quantized and r.comparisons["float vs TFLite"].sqnr_db > 25
+    assert_quantized(r, min_sqnr_db=25)
 
 
 def test_subclassed_keras3_model_is_one_clear_error():
@@ -136,9 +136,37 @@ def test_subclassed_keras3_model_is_one_clear_error():
         qtoolkit.ptq(sub, np.zeros((20, 4), np.float32), progress=False)
 
 
-def test_qat_of_a_keras3_model_says_it_is_not_available():
-    with pytest.raises(QtoolkitError, match="Keras 3 model.*quantization-aware training.*not available yet"):
-        qtoolkit.quantize_model(_keras3_model(), "int8")
+def test_qat_in_keras3_trains_with_keras3_fit_and_the_callback(tmp_path):
+    """quantize_model(Keras 3 model) is a Keras 3 model: Keras 3 compile/fit/Adam, the callback's
+    val_int8_accuracy seen by Keras 3's EarlyStopping, export fully int8, .keras round trip, user model intact."""
+    from qtoolkit import datasets, zoo
+    from qtoolkit.callbacks import QuantizationCallback
+
+    (x_train, y_train), (x_test, y_test) = datasets.load("digits")
+    model = zoo.load("resnet_digits", "3")  # the committed trained weights, built with Keras 3
+    before = [w.copy() for w in model.get_weights()]
+    qm = qtoolkit.quantize_model(model, "int8", calibration_data=x_train[:256])
+    assert isinstance(qm, keras.Model) and {"QATFoldedConv3", "QATQuantizeActivation3"} <= {
+        type(layer).__name__ for layer in qm.layers}
+    qm.compile(keras.optimizers.Adam(1e-4), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+               metrics=["accuracy"])
+    assert not qm.jit_compile  # "auto" keeps TensorFlow's fake-quant kernels (XLA rounds them otherwise)
+    callback = QuantizationCallback(validation_data=(x_test, y_test), bn_freeze_step=20)
+    stop = keras.callbacks.EarlyStopping(monitor="val_int8_accuracy", mode="max", patience=2)
+    history = qm.fit(x_train[:640], y_train[:640], batch_size=32, epochs=2, verbose=0, callbacks=[callback, stop])
+    assert len(history.history["val_int8_accuracy"]) == 2
+    last = callback.history[-1]
+    assert abs(last["val_int8_accuracy"] - last["val_qat_accuracy"]) <= 1 / len(y_test) + 1e-9
+    float_accuracy = float(np.mean(model.predict(x_test, verbose=0).argmax(1) == y_test))
+    assert last["val_int8_accuracy"] >= float_accuracy - 0.01
+    data, inspection = qtoolkit.export_tflite(qm, str(tmp_path / "m.tflite"))
+    assert inspection.fully_quantized and inspection.all_weights_per_channel
+    path = str(tmp_path / "qat.keras")
+    qm.save(path)
+    loaded = keras.saving.load_model(path, custom_objects=qtoolkit.custom_objects())
+    np.testing.assert_array_equal(loaded.predict(x_test, verbose=0), qm.predict(x_test, verbose=0))
+    assert qtoolkit.export_tflite(loaded)[0] == data
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
 
 
 def test_non_tensorflow_backend_is_one_clear_error(monkeypatch):
@@ -161,6 +189,7 @@ def test_keras_applications_in_keras3_give_their_tf_keras_twins_file(name):
     m2.set_weights(m3.get_weights())
     x = np.random.default_rng(0).uniform(-1, 1, (80, 96, 96, 3)).astype(np.float32)
     r3, r2 = qtoolkit.ptq(m3, x, "int8", progress=False), qtoolkit.ptq(m2, x, "int8", progress=False)
-    assert r3.inspection.fully_quantized and r3.inspection.ops == r2.inspection.ops
+    assert_quantized(r3)
+    assert r3.inspection.ops == r2.inspection.ops
     t3, t2 = verify.LiteRTModel(r3.tflite).predict(x[:40]), verify.LiteRTModel(r2.tflite).predict(x[:40])
     assert np.max(np.abs(t3 - t2)) <= verify.LiteRTModel(r3.tflite).output_step() + 1e-6

@@ -95,9 +95,9 @@ def flatten(model) -> Graph:
 
         if keras3.is_keras3(model):
             raise UnsupportedModelError(
-                f"{model.name!r} is a Keras 3 model: qtoolkit.ptq, qtoolkit.debug and `python -m qtoolkit.convert` "
-                "read it (into its tf_keras twin); quantization-aware training of Keras 3 models is not "
-                "available yet: rebuild the model with `import tf_keras as keras` for QAT")
+                f"{model.name!r} is a Keras 3 model: the rewriter reads tf_keras graphs; qtoolkit.ptq, "
+                "qtoolkit.quantize_model, qtoolkit.debug and `python -m qtoolkit.convert` read a Keras 3 model "
+                "into its tf_keras twin first (qtoolkit.rewrite.keras3.to_tf_keras)")
         raise UnsupportedModelError(
             f"expected a Keras model, got {type(model).__module__}.{type(model).__name__}")
     if not getattr(model, "_is_graph_network", False):

@@ -102,26 +102,17 @@ class _Twin:
         return twin
 
     def _resolve(self, tensor, tensors: dict) -> None:
-        """Computes the tf_keras twin of `tensor` (and of every tensor it depends on), without recursion."""
-        stack = [tensor]
-        while stack:
-            t = stack[-1]
-            if id(t) in tensors:
-                stack.pop()
-                continue
+        """Computes the tf_keras twin of `tensor` (and of every tensor it depends on)."""
+        def node_of(t):
             op, node_index, _ = t._keras_history
-            node = op._inbound_nodes[node_index]
-            missing = [a for a in node.arguments.keras_tensors if id(a) not in tensors]
-            if missing:
-                stack.extend(missing)
-                continue
-            stack.pop()
+            return op._inbound_nodes[node_index]
+
+        for node in _in_order([tensor], tensors, node_of, lambda n: n.arguments.keras_tensors):
             args = self.keras.tree.map_structure(lambda a: self._swap(a, tensors), node.arguments.args)
             kwargs = {k: self.keras.tree.map_structure(lambda a: self._swap(a, tensors), v)
                       for k, v in node.arguments.kwargs.items() if v is not None}
-            out = self._call(op, args, kwargs)
-            flat_out = tf.nest.flatten(out)
-            for k3, x in zip(node.output_tensors, flat_out):
+            out = self._call(node.operation, args, kwargs)
+            for k3, x in zip(node.output_tensors, tf.nest.flatten(out)):
                 tensors[id(k3)] = x
 
     def _swap(self, value, tensors):
@@ -144,6 +135,9 @@ class _Twin:
     def _layer(self, layer):
         if id(layer) in self.layers:
             return self.layers[id(layer)]
+        if hasattr(layer, "tf_keras_twin"):  # qtoolkit's own Keras 3 layers (QAT)
+            self.layers[id(layer)] = layer.tf_keras_twin()
+            return self.layers[id(layer)]
         name = type(layer).__name__
         cls = getattr(tf_keras.layers, name, None)
         if cls is None or not type(layer).__module__.startswith("keras."):
@@ -165,6 +159,24 @@ class _Twin:
             raise UnsupportedModelError(f"layer {layer.name!r} ({type(layer).__name__}): its Keras 3 weights "
                                         f"{shapes} do not match the tf_keras layer's {twin_shapes}")
         twin.set_weights(weights)
+
+
+def _in_order(outputs, tensors: dict, node_of, inputs_of):
+    """Yields the graph nodes that `outputs` depend on, each once all its input tensors are in `tensors`
+    (which the caller fills with each node's outputs), without recursion: deep graphs stay within limits."""
+    stack = list(outputs)
+    while stack:
+        t = stack[-1]
+        if id(t) in tensors:
+            stack.pop()
+            continue
+        node = node_of(t)
+        missing = [a for a in inputs_of(node) if id(a) not in tensors]
+        if missing:
+            stack.extend(missing)
+            continue
+        stack.pop()
+        yield node
 
 
 def _config(layer, cls) -> dict:
@@ -241,3 +253,86 @@ def _operation(op, args, kwargs):
     raise UnsupportedModelError(
         f"operation {op.name!r} (keras.ops {name}) in the Keras 3 graph has no TensorFlow counterpart in qtoolkit; "
         "express it with built-in layers")
+
+
+# ---- the other way: a tf_keras model qtoolkit built (the QAT model) as a Keras 3 model -------------------------
+
+_TF_OPS = {  # TFOpLambda symbol -> the keras.ops call (args as tf_keras recorded them, without `name`)
+    "math.add": "add", "__operators__.add": "add", "math.subtract": "subtract", "math.multiply": "multiply",
+    "math.truediv": "divide", "math.maximum": "maximum", "math.minimum": "minimum", "nn.relu": "relu",
+    "nn.relu6": "relu6", "math.sigmoid": "sigmoid", "nn.silu": "silu", "math.tanh": "tanh",
+}
+
+
+def from_tf_keras(model, layer_map: dict):
+    """A Keras 3 functional model with the graph and weights of a tf_keras functional `model` that qtoolkit built.
+
+    `layer_map` maps qtoolkit's tf_keras layer classes to functions building their Keras 3 layer (the QAT
+    layers); other layers are Keras' built-in ones, rebuilt from their configuration; TensorFlow ops recorded
+    by tf_keras become the `keras.ops` call.
+    """
+    keras = _keras3()
+    if keras is None:
+        import keras  # noqa: F811  (a Keras 3 model was given, so Keras 3 is there)
+    tensors, layers = {}, {}
+    inputs = []
+    for t in model.inputs:
+        x = keras.Input(shape=tuple(t.shape[1:]), batch_size=t.shape[0], dtype=t.dtype.name,
+                        name=t._keras_history.layer.name)
+        tensors[id(t)] = x
+        inputs.append(x)
+    def node_of(t):
+        layer, node_index, _ = t._keras_history
+        return layer._inbound_nodes[node_index]
+
+    for node in _in_order(model.outputs, tensors, node_of, lambda n: tf.nest.flatten(n.keras_inputs)):
+        layer = node.layer
+        swap = lambda a: tensors[id(a)] if id(a) in tensors else a  # noqa: E731  (its input tensors)
+        args = tf.nest.map_structure(swap, node.call_args)
+        kwargs = {k: tf.nest.map_structure(swap, v) for k, v in node.call_kwargs.items() if k != "name"}
+        if type(layer).__name__ == "TFOpLambda":
+            out = _keras_op(keras, layer, args, kwargs)
+        else:
+            if id(layer) not in layers:
+                layers[id(layer)] = _keras3_layer(keras, layer, layer_map)
+            out = layers[id(layer)](*args, **{k: v for k, v in kwargs.items() if k not in ("training", "mask")})
+        for k2, x in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(out)):
+            tensors[id(k2)] = x
+    outputs = [tensors[id(t)] for t in model.outputs]
+    result = keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0], name=model.name)
+    for layer in model.layers:
+        if id(layer) in layers:
+            layers[id(layer)].set_weights(layer.get_weights())
+    return result
+
+
+def _keras3_layer(keras, layer, layer_map):
+    for cls, build in layer_map.items():
+        if type(layer) is cls:
+            return build(layer)
+    cls = getattr(keras.layers, type(layer).__name__, None)
+    if cls is None or not type(layer).__module__.startswith("tf_keras."):
+        raise UnsupportedModelError(f"layer {layer.name!r} ({type(layer).__name__}) of the rewritten model has no "
+                                    "Keras 3 counterpart yet; quantization-aware training of this Keras 3 model "
+                                    "is not available")
+    config = {k: v for k, v in layer.get_config().items() if not k.endswith(_DROPPED_SUFFIXES)}
+    accepted = set(_BASE_KWARGS)
+    for base in cls.__mro__:
+        if "__init__" in vars(base):
+            accepted |= set(inspect.signature(base.__init__).parameters)
+    return cls.from_config({k: v for k, v in config.items() if k in accepted})
+
+
+def _keras_op(keras, layer, args, kwargs):
+    symbol = layer.symbol
+    if symbol in _TF_OPS:
+        values = list(args) + [v for k, v in kwargs.items() if k in ("y", "x")]
+        return getattr(keras.ops, _TF_OPS[symbol])(*values)
+    if symbol == "reshape":
+        shape = kwargs.get("shape", args[1] if len(args) > 1 else None)
+        return keras.ops.reshape(args[0], tuple(shape))
+    if symbol in ("transpose", "compat.v1.transpose"):
+        perm = kwargs.get("perm", args[1] if len(args) > 1 else None)
+        return keras.ops.transpose(args[0], axes=perm)
+    raise UnsupportedModelError(f"the rewritten model's TensorFlow op {symbol!r} has no keras.ops counterpart in "
+                                "qtoolkit yet; quantization-aware training of this Keras 3 model is not available")

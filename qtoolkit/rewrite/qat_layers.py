@@ -33,7 +33,47 @@ def _flag(layer, name, value):
                             initializer=keras.initializers.Constant(value), aggregation=_FIRST)
 
 
-class QATQuantizeActivation(QuantizeActivation):
+class QATActivationMath:
+    """The EMA range and fake quant of a QAT activation quantizer, shared by both Keras versions' layers.
+
+    The layer mixing it in holds `range` ({"min", "max"} variables), the flags `initialized`, `quant_active`,
+    `ranges_frozen`, `ema_decay`, and `_qat_bits()` / `_training(training)`.
+    """
+
+    def _qat_call(self, inputs, training):
+        if self._training(training):
+            self._update_range(inputs)
+        lo = tf.minimum(self.range["min"], 0.0)
+        hi = tf.maximum(self.range["max"], lo + 1e-8)
+        bits, narrow_range = self._qat_bits()
+        quantized = q.tf_fake_quant(inputs, lo, hi, bits, narrow_range)
+        on = tf.logical_and(tf.convert_to_tensor(self.quant_active), tf.convert_to_tensor(self.initialized))
+        return tf.cond(on, lambda: quantized, lambda: tf.identity(inputs))
+
+    def _update_range(self, inputs):
+        x = tf.stop_gradient(inputs)
+        bmin, bmax = tf.reduce_min(x), tf.reduce_max(x)
+        # Synchronization points stay outside control flow (tf.distribute forbids them in a cond).
+        replica = tf.distribute.get_replica_context()
+        if replica is not None and replica.num_replicas_in_sync > 1:
+            # The same ranges as one device on the global batch.
+            bmin = tf.reduce_min(replica.all_gather(bmin[None], 0))
+            bmax = tf.reduce_max(replica.all_gather(bmax[None], 0))
+
+        # Variable writes, too, stay outside control flow (a mirrored variable's
+        # write is a synchronization point): frozen ranges are written unchanged.
+        d = self.ema_decay
+        keep = tf.convert_to_tensor(self.ranges_frozen)
+        initialized = tf.convert_to_tensor(self.initialized)
+        lo, hi = tf.convert_to_tensor(self.range["min"]), tf.convert_to_tensor(self.range["max"])
+        new_min = tf.where(initialized, d * lo + (1 - d) * bmin, bmin)
+        new_max = tf.where(initialized, d * hi + (1 - d) * bmax, bmax)
+        self.range["min"].assign(tf.where(keep, lo, new_min))
+        self.range["max"].assign(tf.where(keep, hi, new_max))
+        self.initialized.assign(tf.logical_or(tf.logical_and(keep, initialized), tf.logical_not(keep)))
+
+
+class QATQuantizeActivation(QATActivationMath, QuantizeActivation):
     """Activation fake quant whose range is an EMA of batch min/max while training.
 
     Args:
@@ -58,32 +98,13 @@ class QATQuantizeActivation(QuantizeActivation):
             self.initialized.assign(True)
 
     def call(self, inputs, training=None):
-        if _is_training(training):
-            self._update_range(inputs)
-        lo = tf.minimum(self.range["min"], 0.0)
-        hi = tf.maximum(self.range["max"], lo + 1e-8)
-        quantized = q.tf_fake_quant(inputs, lo, hi, self.quantizer.bits, self.quantizer.narrow_range)
-        return tf.cond(self.quant_active & self.initialized, lambda: quantized, lambda: tf.identity(inputs))
+        return self._qat_call(inputs, training)
 
-    def _update_range(self, inputs):
-        x = tf.stop_gradient(inputs)
-        bmin, bmax = tf.reduce_min(x), tf.reduce_max(x)
-        # Synchronization points stay outside control flow (tf.distribute forbids them in a cond).
-        replica = tf.distribute.get_replica_context()
-        if replica is not None and replica.num_replicas_in_sync > 1:
-            # The same ranges as one device on the global batch.
-            bmin = tf.reduce_min(replica.all_gather(bmin[None], 0))
-            bmax = tf.reduce_max(replica.all_gather(bmax[None], 0))
+    def _qat_bits(self):
+        return self.quantizer.bits, self.quantizer.narrow_range
 
-        # Variable writes, too, stay outside control flow (a mirrored variable's
-        # write is a synchronization point): frozen ranges are written unchanged.
-        d = self.ema_decay
-        keep = self.ranges_frozen
-        new_min = tf.where(self.initialized, d * self.range["min"] + (1 - d) * bmin, bmin)
-        new_max = tf.where(self.initialized, d * self.range["max"] + (1 - d) * bmax, bmax)
-        self.range["min"].assign(tf.where(keep, self.range["min"], new_min))
-        self.range["max"].assign(tf.where(keep, self.range["max"], new_max))
-        self.initialized.assign(keep & self.initialized | tf.logical_not(keep))
+    def _training(self, training) -> bool:
+        return _is_training(training)
 
     def get_config(self):
         return {**super().get_config(), "ema_decay": self.ema_decay}
@@ -98,20 +119,12 @@ def _is_training(training) -> bool:
     return bool(training)
 
 
-class QATFoldedConv(keras.layers.Layer):
-    """Conv2D / DepthwiseConv2D / Dense with its batch norm folded for training.
+class QATFoldedConvMath:
+    """The training-time batch-norm folding of QATFoldedConv (see the module docstring), for either Keras.
 
-    Args:
-      kind: "conv2d", "depthwise" or "dense".
-      kernel_shape: unfolded kernel shape; units: output channels.
-      activation: "linear", "relu" or "relu6" (fused).
-      weight_quantizer: RangeQuantizer for the folded kernel (symmetric).
-      has_bn: whether a batch norm is folded in (else a plain bias).
-      epsilon, momentum: the batch norm's.
-      strides, padding, dilation_rate: conv arguments.
-      bn_correction: train with the paper's correction (weights folded with the
-        moving sigma, outputs rescaled by sigma/sigma_B); False folds naively
-        with the batch sigma (the ablation of docs/paper_results.md).
+    The layer mixing it in provides `_weight(name, shape, initializer, trainable, first_replica)`,
+    `_flag(name, value)` and `_training(training)`; `_build_weights` creates the variables in one order,
+    the same in both Keras versions (a Keras 3 QAT model's weights load into its tf_keras twin by order).
     """
 
     def __init__(self, kind, kernel_shape, units, activation="linear", weight_quantizer=None, has_bn=True,
@@ -128,20 +141,19 @@ class QATFoldedConv(keras.layers.Layer):
         self.epsilon, self.momentum = float(epsilon), float(momentum)
         self.strides, self.padding, self.dilation_rate = tuple(strides), padding, tuple(dilation_rate)
 
-    def build(self, input_shape):
-        self.kernel = self.add_weight("kernel", shape=self.kernel_shape, initializer="glorot_uniform")
-        self.bias = self.add_weight("bias", shape=(self.units,), initializer="zeros")
+    def _build_weights(self):
+        self.kernel = self._weight("kernel", self.kernel_shape, "glorot_uniform")
+        self.bias = self._weight("bias", (self.units,), "zeros")
         if self.has_bn:
-            self.gamma = self.add_weight("gamma", shape=(self.units,), initializer="ones")
-            self.beta = self.add_weight("beta", shape=(self.units,), initializer="zeros")
+            self.gamma = self._weight("gamma", (self.units,), "ones")
+            self.beta = self._weight("beta", (self.units,), "zeros")
             # Synchronized across replicas (all-reduced batch statistics), written once.
-            self.moving_mean = self.add_weight("moving_mean", shape=(self.units,), initializer="zeros",
-                                               trainable=False, aggregation=_FIRST)
-            self.moving_variance = self.add_weight("moving_variance", shape=(self.units,), initializer="ones",
-                                                   trainable=False, aggregation=_FIRST)
-            self.bn_frozen = _flag(self, "bn_frozen", False)
-        self.quant_active = _flag(self, "quant_active", True)
-        super().build(input_shape)
+            self.moving_mean = self._weight("moving_mean", (self.units,), "zeros", trainable=False,
+                                            first_replica=True)
+            self.moving_variance = self._weight("moving_variance", (self.units,), "ones", trainable=False,
+                                                first_replica=True)
+            self.bn_frozen = self._flag("bn_frozen", False)
+        self.quant_active = self._flag("quant_active", True)
 
     # -- the pieces -----------------------------------------------------------------
     def _channel_scale(self, kernel, scale):
@@ -163,7 +175,7 @@ class QATFoldedConv(keras.layers.Layer):
         a = tf.maximum(a, 1e-8)
         out = q.tf_fake_quant(flat, -a, a, wq.bits, wq.narrow_range, axis=-1 if wq.per_channel else None)
         out = tf.reshape(out, self.kernel_shape) if self.kind == "depthwise" else out
-        return tf.cond(self.quant_active, lambda: out, lambda: tf.identity(kernel))
+        return tf.cond(tf.convert_to_tensor(self.quant_active), lambda: out, lambda: tf.identity(kernel))
 
     def folded(self):
         """(kernel, bias) folded with the moving statistics: what is deployed."""
@@ -179,7 +191,7 @@ class QATFoldedConv(keras.layers.Layer):
             kernel, bias = self.folded()
             return tf.nn.bias_add(self._op(inputs, self._quantize_kernel(kernel)), bias)
 
-        if not self.has_bn or not _is_training(training):
+        if not self.has_bn or not self._training(training):
             y = inference()
         else:
             # Batch statistics from a float convolution (the paper's figure C.8),
@@ -194,7 +206,7 @@ class QATFoldedConv(keras.layers.Layer):
                 var_b = mean_sq - tf.square(mean_b)
 
             m = self.momentum  # as Keras' BatchNormalization: biased batch variance
-            frozen = self.bn_frozen
+            frozen = tf.convert_to_tensor(self.bn_frozen)
             # Written outside control flow (synchronization points under tf.distribute).
             self.moving_mean.assign(tf.where(frozen, self.moving_mean,
                                              m * self.moving_mean + (1 - m) * tf.stop_gradient(mean_b)))
@@ -212,7 +224,7 @@ class QATFoldedConv(keras.layers.Layer):
                 y = self._op(inputs, kernel) * (sigma / sigma_b)
                 return y + self.beta + self.gamma * (self.bias - mean_b) / sigma_b
 
-            y = tf.cond(self.bn_frozen, inference, train)
+            y = tf.cond(tf.convert_to_tensor(self.bn_frozen), inference, train)
         return activate(y, self.activation)
 
     def get_config(self):
@@ -222,3 +234,34 @@ class QATFoldedConv(keras.layers.Layer):
                 "has_bn": self.has_bn, "epsilon": self.epsilon, "momentum": self.momentum,
                 "strides": self.strides, "padding": self.padding, "dilation_rate": self.dilation_rate,
                 "bn_correction": self.bn_correction}
+
+
+class QATFoldedConv(QATFoldedConvMath, keras.layers.Layer):
+    """Conv2D / DepthwiseConv2D / Dense with its batch norm folded for training.
+
+    Args:
+      kind: "conv2d", "depthwise" or "dense".
+      kernel_shape: unfolded kernel shape; units: output channels.
+      activation: "linear", "relu" or "relu6" (fused).
+      weight_quantizer: RangeQuantizer for the folded kernel (symmetric).
+      has_bn: whether a batch norm is folded in (else a plain bias).
+      epsilon, momentum: the batch norm's.
+      strides, padding, dilation_rate: conv arguments.
+      bn_correction: train with the paper's correction (weights folded with the
+        moving sigma, outputs rescaled by sigma/sigma_B); False folds naively
+        with the batch sigma (the ablation of docs/paper_results.md).
+    """
+
+    def build(self, input_shape):
+        self._build_weights()
+        super().build(input_shape)
+
+    def _weight(self, name, shape, initializer, trainable=True, first_replica=False):
+        return self.add_weight(name, shape=shape, initializer=initializer, trainable=trainable,
+                               **({"aggregation": _FIRST} if first_replica else {}))
+
+    def _flag(self, name, value):
+        return _flag(self, name, value)
+
+    def _training(self, training) -> bool:
+        return _is_training(training)
