@@ -176,7 +176,15 @@ def converter_ptq_tflite(model, representative: Callable[[], Iterable], int16x8:
 
 
 def float_tflite(model) -> bytes:
-    """The float32 TFLite model (the latency and accuracy reference), from the traced inference function."""
+    """The float32 TFLite model (the latency and accuracy reference), from the traced inference function.
+
+    A Keras 3 model is converted through its tf_keras twin (`rewrite.keras3`): the traced function of a Keras 3
+    model does not carry its variables this way (the file computes NaN).
+    """
+    from qtoolkit.rewrite import keras3
+
+    if keras3.is_keras3(model):
+        model = keras3.to_tf_keras(model)
     return _convert(_converter_from_function(model))
 
 

@@ -7,7 +7,10 @@ interpreter. Reports: Keras QAT accuracy, exported int8 accuracy, their gap,
 and the training step time. Then w4a8 (4-bit weights): float, PTQ and QAT.
 
     python scripts/bench_qat.py [--epochs 1] [--train_samples 60000] [--seeds 0,1,2] [--model mobilenet_v1_fmnist]
-                                [--bn_freeze never|half|start]
+                                [--bn_freeze never|half|start] [--keras 2|3]
+
+With --keras 3 the float fine-tune and qtoolkit's QAT run on the reference model built with Keras 3 (the same
+weights; Keras 3's compile/fit); TFMOT, which accepts only Keras 2, runs on the tf_keras build.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ import argparse
 import os
 import time
 
-import qtoolkit  # noqa: F401  (Keras 2 before TensorFlow)
+import keras as keras3  # Keras 3, for --keras 3
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+import qtoolkit
 from qtoolkit import datasets, export, verify
 from qtoolkit.callbacks import QuantizationCallback
 from qtoolkit.pipeline import ptq
@@ -46,9 +50,10 @@ def accuracy(outputs, y):
 
 
 def fine_tune(qm, x, y, epochs, seed, callbacks=()):
-    keras.utils.set_random_seed(seed)
-    qm.compile(keras.optimizers.Adam(1e-4), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-               ["accuracy"])
+    k = keras3 if isinstance(qm, keras3.Model) else keras
+    k.utils.set_random_seed(seed)
+    qm.compile(k.optimizers.Adam(1e-4), k.losses.SparseCategoricalCrossentropy(from_logits=True),
+               metrics=["accuracy"])
     timer = StepTimer()
     qm.fit(x, y, batch_size=128, epochs=epochs, verbose=0, callbacks=[timer, *callbacks], shuffle=True)
     return timer.median_ms
@@ -65,6 +70,8 @@ def main():
                              "scripts/qat_bn_schedule.py), frozen half-way, or from the first step")
     parser.add_argument("--model", default="mobilenet_v1_fmnist",
                         help="a Fashion-MNIST reference model name (qtoolkit.zoo) or a .keras path")
+    parser.add_argument("--keras", choices=("2", "3"), default="2",
+                        help="build the model qtoolkit fine-tunes with tf_keras (2) or Keras 3 (3)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     (x_train, y_train), (x_test, y_test) = datasets.load("fashion_mnist")
@@ -75,6 +82,11 @@ def main():
         from qtoolkit import zoo
 
         model = zoo.load(args.model)
+    ours = model  # what the float fine-tune and qtoolkit's QAT start from
+    if args.keras == "3":
+        from qtoolkit import zoo
+
+        ours = zoo.load(args.model, "3")
     float_acc = accuracy(model.predict(x_test, batch_size=512, verbose=0), y_test)
     steps = args.epochs * -(-len(x) // 128)
     rows = {}  # tool -> list of (keras_acc, int8_acc, step_ms, inspection) over seeds
@@ -82,7 +94,7 @@ def main():
 
     for seed in seeds:
         # The float model fine-tuned the same way: QAT also trains, so compare with this too.
-        ft = _copy(model)
+        ft = _copy(ours)
         ms = fine_tune(ft, x, y, args.epochs, seed)
         rows.setdefault("float, fine-tuned likewise (reference)", []).append(
             (accuracy(ft.predict(x_test, batch_size=512, verbose=0), y_test), float("nan"), ms, None))
@@ -99,7 +111,7 @@ def main():
 
         # qtoolkit's recipe: calibrated starting ranges, batch norm folded with the paper's correction;
         # for 8 bits on a converged model never frozen (docs/qat.md, "Choosing bn_freeze_step").
-        qm = qtoolkit.quantize_model(_copy(model), "int8", calibration_data=x_train[:512])
+        qm = qtoolkit.quantize_model(_copy(ours), "int8", calibration_data=x_train[:512])
         freeze = {"never": None, "half": steps // 2, "start": 0}[args.bn_freeze]
         ms = fine_tune(qm, x, y, args.epochs, seed, [QuantizationCallback(bn_freeze_step=freeze)])
         keras_acc = accuracy(qm.predict(x_test, batch_size=512, verbose=0), y_test)
@@ -108,7 +120,8 @@ def main():
             (keras_acc, accuracy(verify.LiteRTModel(data).predict(x_test), y_test), ms, insp))
 
     print(f"model {args.model}: float accuracy {float_acc:.4f}; {args.epochs} epoch(s) of QAT on {len(x)} images, "
-          f"seeds {args.seeds}; qtoolkit int8 batch norm frozen: {args.bn_freeze}\n")
+          f"seeds {args.seeds}; qtoolkit int8 batch norm frozen: {args.bn_freeze}; qtoolkit and the float "
+          f"fine-tune on Keras {args.keras}, TFMOT on tf_keras\n")
     print("| tool | seed | Keras QAT accuracy | int8 TFLite accuracy | gap (points) | per-channel weights | "
           "train step ms (batch 128) |\n|---|---|---|---|---|---|---|")
     for name, runs in rows.items():
@@ -126,8 +139,8 @@ def main():
 
     # Paper table 5: 4-bit weights, 8-bit activations; batch norm frozen half-way, which the 4-bit
     # folding ablation of docs/paper_results.md favours.
-    ptq4 = ptq(model, x_train[:1000], "w4a8", verification_data=x_test, labels=y_test, progress=False)
-    qm4 = qtoolkit.quantize_model(_copy(model), "w4a8", calibration_data=x_train[:512])
+    ptq4 = ptq(ours, x_train[:1000], "w4a8", verification_data=x_test, labels=y_test, progress=False)
+    qm4 = qtoolkit.quantize_model(_copy(ours), "w4a8", calibration_data=x_train[:512])
     fine_tune(qm4, x, y, args.epochs, seed, [QuantizationCallback(bn_freeze_step=steps // 2)])
     data4, insp4 = qtoolkit.export_tflite(qm4)
     qat4 = accuracy(verify.LiteRTModel(data4).predict(x_test), y_test)
@@ -139,7 +152,7 @@ def main():
 
 
 def _copy(model):
-    clone = keras.models.clone_model(model)
+    clone = (keras3 if isinstance(model, keras3.Model) else keras).models.clone_model(model)
     clone.set_weights(model.get_weights())
     return clone
 

@@ -193,3 +193,27 @@ def test_keras_applications_in_keras3_give_their_tf_keras_twins_file(name):
     assert r3.inspection.ops == r2.inspection.ops
     t3, t2 = verify.LiteRTModel(r3.tflite).predict(x[:40]), verify.LiteRTModel(r2.tflite).predict(x[:40])
     assert np.max(np.abs(t3 - t2)) <= verify.LiteRTModel(r3.tflite).output_step() + 1e-6
+
+
+def test_debugger_and_regression_job_take_keras3_models(tmp_path):
+    from qtoolkit import debug, regress
+
+    model = _keras3_model()
+    report = debug.analyze(model, X, "int8", num_calibration_samples=160, num_samples=40, tflite=False)
+    assert {e.name for e in report.layers} >= {"c1", "dw", "logits"}
+    path = tmp_path / "k3.keras"
+    model.save(path)
+    np.save(tmp_path / "x.npy", X)
+    np.save(tmp_path / "y.npy", np.argmax(model.predict(X, verbose=0), 1))  # labels: the float model's answers
+    config = tmp_path / "c.yaml"
+    config.write_text(f"""
+defaults: {{calibration_samples: 160, eval_samples: 80, thresholds: {{min_sqnr: 10}}}}
+entries:
+  - name: k3
+    model: {path}
+    data: {{calibration: {tmp_path / 'x.npy'}, inputs: {tmp_path / 'x.npy'}, labels: {tmp_path / 'y.npy'}}}
+    schemes: [int8]
+""")
+    out = tmp_path / "out"
+    assert regress.run(str(config), str(out), progress=False, log=None) == 0
+    assert "k3/int8" in (out / "report.md").read_text()

@@ -56,7 +56,7 @@ def _load_model(spec: str):
     if loaded.keras_model is None:
         raise loading.ModelLoadError(f"{spec}: the regression job needs a Keras model (SavedModel with Keras "
                                      "metadata, .keras or .h5)")
-    return loaded.keras_model
+    return loaded.reference_model  # a Keras 3 file: the Keras 3 model itself (PTQ and QAT take it as it is)
 
 
 def _accuracy(outputs, labels) -> float:
