@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import os
 import tempfile
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable
 
 import numpy as np
 import tensorflow as tf

@@ -20,8 +20,7 @@ import numpy as np
 from qtoolkit import algorithms
 from qtoolkit import calibrate as cal
 from qtoolkit import export, verify
-from qtoolkit.prepare import (DEFAULT_CALIBRATION_SAMPLES, DEFAULT_VERIFICATION_SAMPLES, Prepared,  # noqa: F401
-                              prepare)
+from qtoolkit.prepare import Prepared, prepare
 from qtoolkit.schemes import QuantScheme
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import numpy as np
 import tf_keras as keras
 
 from qtoolkit import export

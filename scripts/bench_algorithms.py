@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-import qtoolkit  # noqa: F401  (Keras 2 before TensorFlow)
+import qtoolkit  # noqa: F401  (TensorFlow's log level before TensorFlow is imported)
 import numpy as np
 import tf_keras as keras
 

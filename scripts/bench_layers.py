@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-import qtoolkit  # noqa: F401  (Keras 2 before TensorFlow)
+import qtoolkit  # noqa: F401  (TensorFlow's log level before TensorFlow is imported)
 import numpy as np
 import tf_keras as keras
 

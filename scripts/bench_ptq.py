@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-import qtoolkit  # noqa: F401  (Keras 2 before TensorFlow)
+import qtoolkit  # noqa: F401  (TensorFlow's log level before TensorFlow is imported)
 import numpy as np
 import tensorflow as tf
 import keras as keras3  # Keras 3, for --keras 3

@@ -47,19 +47,20 @@ def load_cifar(path: str):
     return x[order], y[order]
 
 
-def compile_model(model, learning_rate):
+def compile_model(model, learning_rate):  # a float or a schedule
     model.compile(keras.optimizers.Adam(learning_rate), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"], jit_compile=False)
 
 
 def pretrained(x, y, epochs, cache):
-    path = os.path.join(cache, f"resnet8_keras3_{epochs}ep.weights.h5")
+    path = os.path.join(cache, f"resnet8_keras3_{epochs}ep_cosine.weights.h5")
     keras.utils.set_random_seed(0)
     model = zoo.resnet_small((32, 32, 3), 10, name="resnet8_cifar", k=keras)
     if os.path.exists(path):
         model.load_weights(path)
         return model
-    compile_model(model, 2e-3)
+    steps = epochs * -(-len(x) // 64)
+    compile_model(model, keras.optimizers.schedules.CosineDecay(2e-3, steps))  # converged, not mid-step
     start = time.time()
     model.fit(x, y, batch_size=64, epochs=epochs, verbose=0, shuffle=True)
     print(f"pretrained on {len(x)} images, {epochs} epochs, in {time.time() - start:.0f} s")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-import qtoolkit  # noqa: F401  (Keras 2 before TensorFlow)
+import qtoolkit  # noqa: F401  (TensorFlow's log level before TensorFlow is imported)
 import numpy as np
 import tensorflow as tf
 

@@ -21,7 +21,7 @@ import re
 import sys
 import time
 
-import qtoolkit  # noqa: F401  (Keras 2 before TensorFlow)
+import qtoolkit  # noqa: F401  (TensorFlow's log level before TensorFlow is imported)
 import numpy as np
 
 from qtoolkit import calibrate, datasets, export, latency, qat, rewrite, verify, zoo

@@ -15,7 +15,6 @@ import dataclasses
 import sys
 import time
 
-import numpy as np
 import tensorflow as tf
 
 from qtoolkit.calibrate.data import Source

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from qtoolkit import rewrite
 from qtoolkit.errors import DebugError
 from qtoolkit.prepare import Prepared, prepare
+from qtoolkit.schemes import QuantScheme
 
 
 @dataclasses.dataclass

@@ -72,8 +72,9 @@ def to_tf_keras(model) -> tf_keras.Model:
     if not isinstance(model, keras.Model) or not inputs or not hasattr(model, "operations") or \
             not isinstance(model, (keras.Sequential, keras.src.models.functional.Functional)):
         raise UnsupportedModelError(
-            f"{getattr(model, 'name', model)!r} is a subclassed Keras 3 model: qtoolkit reads functional and "
-            "Sequential models; build it with the functional API (keras.Input ... keras.Model(inputs, outputs))")
+            f"{getattr(model, 'name', model)!r} is a subclassed (or unbuilt) Keras 3 model: qtoolkit reads "
+            "functional and built Sequential models; build it with the functional API (keras.Input ... "
+            "keras.Model(inputs, outputs)), or give a Sequential model its keras.Input first")
     return _Twin(keras).model(model)
 
 
