@@ -155,7 +155,11 @@ def test_qat_in_keras3_trains_with_keras3_fit_and_the_callback(tmp_path):
     best = tmp_path / "best.tflite"  # the callback's export (each epoch) is the file checked below
     callback = QuantizationCallback(validation_data=(x_test, y_test), bn_freeze_step=10, best_path=str(best))
     stop = keras.callbacks.EarlyStopping(monitor="val_int8_accuracy", mode="max", patience=2)
-    history = qm.fit(x_train[:320], y_train[:320], batch_size=32, epochs=2, verbose=0, callbacks=[callback, stop])
+    checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "ckpt.keras"), monitor="val_int8_accuracy",
+                                                 mode="max", save_best_only=True)
+    history = qm.fit(x_train[:320], y_train[:320], batch_size=32, epochs=2, verbose=0,
+                     callbacks=[callback, stop, checkpoint])
+    assert (tmp_path / "ckpt.keras").exists()  # Keras 3 saved the QAT model mid-fit, on the callback's metric
     assert len(history.history["val_int8_accuracy"]) == 2
     last = callback.history[-1]
     assert abs(last["val_int8_accuracy"] - last["val_qat_accuracy"]) <= 1 / len(y_test) + 1e-9
