@@ -180,16 +180,23 @@ def _in_order(outputs, tensors: dict, node_of, inputs_of):
         yield node
 
 
+def _accepted_kwargs(cls) -> set:
+    """The constructor keywords a layer class takes: its own and its bases' (an __init__ often passes **kwargs
+    on to its base classes' options)."""
+    accepted = set(_BASE_KWARGS)
+    for base in cls.__mro__:
+        if "__init__" in vars(base):
+            accepted |= set(inspect.signature(base.__init__).parameters)
+    return accepted
+
+
 def _config(layer, cls) -> dict:
     """The Keras 3 layer's config, as the tf_keras class takes it (see the module docstring)."""
     config = dict(layer.get_config())
     dtype = config.get("dtype")
     if isinstance(dtype, dict):  # Keras 3 serializes the DTypePolicy
         config["dtype"] = dtype.get("config", {}).get("name", "float32")
-    accepted = set(_BASE_KWARGS)  # a class's __init__ often passes **kwargs on to its base classes' options
-    for base in cls.__mro__:
-        if "__init__" in vars(base):
-            accepted |= set(inspect.signature(base.__init__).parameters)
+    accepted = _accepted_kwargs(cls)
     for key in list(config):
         if key.endswith(_DROPPED_SUFFIXES) and key != "activity_regularizer":
             del config[key]  # the weights are copied; these only matter when training from scratch
@@ -317,10 +324,7 @@ def _keras3_layer(keras, layer, layer_map):
                                     "Keras 3 counterpart yet; quantization-aware training of this Keras 3 model "
                                     "is not available")
     config = {k: v for k, v in layer.get_config().items() if not k.endswith(_DROPPED_SUFFIXES)}
-    accepted = set(_BASE_KWARGS)
-    for base in cls.__mro__:
-        if "__init__" in vars(base):
-            accepted |= set(inspect.signature(base.__init__).parameters)
+    accepted = _accepted_kwargs(cls)
     return cls.from_config({k: v for k, v in config.items() if k in accepted})
 
 
