@@ -54,6 +54,8 @@ def quantize_model(model, scheme: Any = "int8", *, ema_decay: float = 0.999, cal
     is_keras3 = keras3.is_keras3(model)
     if is_keras3:  # planned and built once, in tf_keras, from the model's twin; handed back as Keras 3 layers
         model = keras3.to_tf_keras(model)
+    else:  # layers without a rewrite of their own are reused by the QAT model: train a copy, never the user's
+        model = _copy(model)
     result = rewrite(model, scheme, strict=strict, qat=True, ema_decay=ema_decay)
     for layer in result.model.layers:
         if isinstance(layer, QATFoldedConv):
@@ -100,6 +102,20 @@ def to_inference_model(qat_model) -> keras.Model:
         else:
             dst.set_weights(src.get_weights())
     return model
+
+
+def _copy(model) -> keras.Model:
+    """A copy of a tf_keras model with the same layer names and weights (clone_model + set_weights)."""
+    try:
+        clone = keras.models.clone_model(model)
+        clone.set_weights(model.get_weights())
+    except Exception as e:  # noqa: BLE001  (a custom layer without get_config raises many types)
+        from qtoolkit.errors import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"cannot copy {model.name!r} ({str(e).splitlines()[0][:200]}); quantization-aware training trains a "
+            "copy so that your model stays as it is: give every custom layer a get_config()") from None
+    return clone
 
 
 def export_tflite(qat_model, path: Optional[str] = None, io_dtype: str = "int8", int4: bool = False):

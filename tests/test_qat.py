@@ -220,3 +220,17 @@ def test_mirrored_strategy_gives_single_device_ranges():
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["range_diff"] < 1e-5 and result["stats_diff"] < 1e-5
+
+
+def test_qat_never_changes_the_users_model():
+    """A layer without a qtoolkit rewrite (Conv2DTranspose) would be reused by the QAT model and trained."""
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, padding="same", activation="relu", name="c1")(inp)
+    x = L.Conv2DTranspose(4, 3, strides=2, padding="same", name="up")(x)
+    model = keras.Model(inp, L.Dense(3, name="fc")(L.GlobalAveragePooling2D()(x)))
+    before = [w.copy() for w in model.get_weights()]
+    qm = qat.quantize_model(model, "int8")
+    assert not any(layer is original for layer in qm.layers for original in model.layers)
+    qm.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qm.fit(random_inputs(model, 32), np.zeros(32, np.int64), epochs=1, verbose=0)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
