@@ -193,8 +193,10 @@ def _verify(prepared: Prepared, data: bytes, rewritten, labels) -> tuple[dict, d
     ver = prepared.verification_inputs
     tfl = verify.LiteRTModel(data)
     tfl_out = _first(tfl.predict(ver))
-    if prepared.keras_model is not None:  # the user's own model (a Keras 3 one, not its tf_keras twin)
-        float_out = verify.predict_keras(prepared.loaded.reference_model, ver)
+    if prepared.reference_outputs is not None:  # a Keras 3 model's own outputs, run once by prepare
+        float_out = prepared.reference_outputs[0]
+    elif prepared.keras_model is not None:
+        float_out = verify.predict_keras(prepared.keras_model, ver)
     else:
         float_out = _first(verify.LiteRTModel(export.float_tflite_saved_model(prepared.loaded.path)).predict(ver))
     y = None if labels is None else np.asarray(labels)[:prepared.num_verification]

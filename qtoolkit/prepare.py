@@ -53,6 +53,8 @@ class Prepared:
       calibration: the calibrated ranges, or None where qtoolkit did not calibrate.
       algorithm_report: what the post-training algorithms did (see `qtoolkit.algorithms`).
       seconds: stage -> wall time (load, rewrite, algorithms, calibrate, and the stage's total).
+      reference_outputs: the user's model's outputs on the verification samples where prepare already ran it
+        (a Keras 3 model, to check its twin), else None.
     """
 
     loaded: LoadedModel
@@ -65,6 +67,7 @@ class Prepared:
     calibration: Optional[cal.Calibration] = None
     algorithm_report: dict = dataclasses.field(default_factory=dict)
     seconds: dict = dataclasses.field(default_factory=dict)
+    reference_outputs: Optional[list] = None
 
     @property
     def keras_model(self):
@@ -171,18 +174,19 @@ def prepare(model: Any, calibration_data: Any, scheme: Any = "int8", *,
         for _ in source.take(n_cal):  # skip the calibration samples: verify on held-out ones
             pass
     ver = (ver_source or source).collect(n_ver)
-    if loaded.source_model is not None:
-        _check_twin(loaded, ver)
+    reference = _check_twin(loaded, ver) if loaded.source_model is not None else None
     seconds["total"] = time.perf_counter() - t0
     return Prepared(loaded, scheme, specs, n_cal, cal_inputs, ver, rewritten, calibration, algorithm_report,
-                    seconds)
+                    seconds, reference)
 
 
 TWIN_TOLERANCE = 1e-3  # relative to the output's range: float rounding of a different op order, nothing more
 
 
-def _check_twin(loaded: LoadedModel, inputs: list) -> None:
-    """The tf_keras twin of a Keras 3 model computes the same outputs on the verification samples."""
+def _check_twin(loaded: LoadedModel, inputs: list) -> list:
+    """The tf_keras twin of a Keras 3 model computes the same outputs on the verification samples.
+
+    Returns the Keras 3 model's outputs (verification's float reference: not run again)."""
     from qtoolkit import verify
 
     ours = verify.predict_keras(loaded.keras_model, inputs, all_outputs=True)
@@ -196,6 +200,7 @@ def _check_twin(loaded: LoadedModel, inputs: list) -> None:
             raise UnsupportedModelError(
                 f"the tf_keras twin of the Keras 3 model differs on output {i} by {error:.2g} of its range "
                 "(a layer behaves differently in the two Keras versions); please report it with the model")
+    return theirs
 
 
 def split(source, n_cal, n_ver, separate_verification: bool) -> tuple[int, int]:
