@@ -102,6 +102,21 @@ def test_mixed_precision_needs_exactly_one_budget():
         debug.mixed_precision(_model(), X, "int8", budget_max_accuracy_drop=1.0)
 
 
+def test_main_bad_input_is_one_error_line(tmp_path, capsys):
+    """In-process (the real command line: test_cli_bad_input_is_one_error_line, in -m slow)."""
+    from absl.testing import flagsaver
+
+    from qtoolkit.debug.__main__ import main
+
+    with flagsaver.flagsaver(model=str(tmp_path / "missing.keras"), calibration_data="x.npy",
+                             output=str(tmp_path / "r")):
+        assert main(["debug"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "does not exist" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow  # a process start
 def test_cli_bad_input_is_one_error_line(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(debug.__file__))))  # qtoolkit/debug/
     env = {**os.environ, "PYTHONPATH": root}
