@@ -46,6 +46,20 @@ NUM_CALIBRATION = flags.DEFINE_integer(
 UNSAFE = flags.DEFINE_bool("allow_unsafe_deserialization", False,
                            "Allow models with serialized Python code (Lambda layers). Only for trusted files.")
 VERBOSE = flags.DEFINE_bool("verbose", False, "Show Python tracebacks and TensorFlow logs on errors.")
+# A folder of images as --calibration_data: decoded to the model's channel count, resized, scaled, normalized
+# (in that order; the run prints what it did in one line). See qtoolkit.calibrate.ImagePreprocessing.
+IMAGE_SIZE = flags.DEFINE_string("image_size", None, "Image folders: HxW to resize images to (default: the model's "
+                                 "input size).")
+IMAGE_RESIZE = flags.DEFINE_enum("image_resize", "stretch", ["stretch", "crop", "pad"],
+                                 "Image folders: how images reach --image_size: stretch (aspect ratio not kept), "
+                                 "crop (scale to cover, keep the centre) or pad (scale to fit, keep the aspect "
+                                 "ratio, black borders).")
+IMAGE_SCALE = flags.DEFINE_string("image_scale", "0,1", "Image folders: the real range pixel values 0..255 map to, "
+                                  "e.g. -1,1.")
+IMAGE_MEAN = flags.DEFINE_string("image_mean", None, "Image folders: subtracted after --image_scale, one value or "
+                                 "one per channel, e.g. 0.485,0.456,0.406 (default: none).")
+IMAGE_STD = flags.DEFINE_string("image_std", None, "Image folders: divides after --image_mean, one value or one per "
+                                "channel, e.g. 0.229,0.224,0.225 (default: none).")
 
 
 def require(argv, *required) -> None:

@@ -42,8 +42,8 @@ _IO = flags.DEFINE_enum("io_dtype", "int8", ["int8", "uint8", "float32"], "Model
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Calibration batch size.")
 _STRICT = flags.DEFINE_bool("strict", False, "Fail if any layer would stay in float, or if the quantized model "
                             "leaves ops outside the XNNPACK delegate or is slower than the float model.")
-_IMAGE_SIZE = flags.DEFINE_string("image_size", None, "HxW to resize images of a folder to (default: the model's).")
-_IMAGE_SCALE = flags.DEFINE_string("image_scale", "0,1", "Real range pixel values 0..255 map to, e.g. -1,1.")
+_IMAGE_SIZE, _IMAGE_SCALE = _cli.IMAGE_SIZE, _cli.IMAGE_SCALE  # image folders (shared with the debugger)
+_IMAGE_MEAN, _IMAGE_STD, _IMAGE_RESIZE = _cli.IMAGE_MEAN, _cli.IMAGE_STD, _cli.IMAGE_RESIZE
 _BUDGET_DROP = flags.DEFINE_float(
     "budget_max_accuracy_drop", None,
     "Automatic mixed precision: keep the most sensitive layers float until the top-1 accuracy drop (points, "
@@ -82,11 +82,13 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
         num_calibration_samples=None, num_verification_samples=None, verification_data=None, labels=None,
         range_method=None, io_dtype="int8", batch_size=32, strict=False, image_size=None, image_scale="0,1",
         allow_unsafe=False, out=None, budget_max_accuracy_drop=None, budget_min_sqnr=None, benchmark=False,
-        benchmark_runs=100, algorithms=None):
+        benchmark_runs=100, algorithms=None, image_mean=None, image_std=None, image_resize="stretch"):
     """Runs the conversion (what the command line does); returns the PTQResult.
 
     `algorithms` overrides keys of the scheme's algorithms section, e.g.
-    {"cle": True, "bias_correction": "empirical"}.
+    {"cle": True, "bias_correction": "empirical"}.  `image_size`, `image_scale`,
+    `image_mean`, `image_std` and `image_resize` (the flags' text) apply to a
+    folder of images (see `calibrate.ImagePreprocessing`).
 
     Raises the toolkit's errors (see pipeline.ptq); `main` turns them into one line.
     """
@@ -121,7 +123,8 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
         model, calibration_data, scheme, num_calibration_samples=num_calibration_samples,
         num_verification_samples=num_verification_samples, verification_data=verification_data,
         range_method=range_method, batch_size=batch_size, strict=strict, image_size=size,
-        image_scale=_pair(image_scale, "image_scale", float), allow_unsafe=allow_unsafe, log=log)
+        image_scale=_pair(image_scale, "image_scale", float), image_mean=image_mean, image_std=image_std,
+        image_resize=image_resize, allow_unsafe=allow_unsafe, log=log)
     result = pipeline.ptq(prepared, labels=y, io_dtype=io_dtype, log=log)
     version = prepared.loaded.keras_version
     if version:
@@ -211,7 +214,8 @@ def _run_from_flags():
             _NUM_VER.value, _VER_DATA.value, _LABELS.value, _RANGE.value, _IO.value, _BATCH.value, _STRICT.value,
             _IMAGE_SIZE.value, _IMAGE_SCALE.value, _UNSAFE.value,
             budget_max_accuracy_drop=_BUDGET_DROP.value, budget_min_sqnr=_BUDGET_SQNR.value,
-            benchmark=_BENCHMARK.value, benchmark_runs=_BENCHMARK_RUNS.value, algorithms=_algorithm_flags())
+            benchmark=_BENCHMARK.value, benchmark_runs=_BENCHMARK_RUNS.value, algorithms=_algorithm_flags(),
+            image_mean=_IMAGE_MEAN.value, image_std=_IMAGE_STD.value, image_resize=_IMAGE_RESIZE.value)
 
 
 def _algorithm_flags() -> dict:

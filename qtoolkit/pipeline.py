@@ -80,7 +80,8 @@ def ptq(model: Any, calibration_data: Any = None, scheme: Any = "int8", output: 
         num_calibration_samples: Optional[int] = None, num_verification_samples: Optional[int] = None,
         verification_data: Any = None, labels: Optional[np.ndarray] = None, range_method: Optional[str] = None,
         io_dtype: str = "int8", batch_size: int = 32, strict: bool = False, progress: bool = True,
-        image_size=None, image_scale=(0.0, 1.0), allow_unsafe: bool = False, log=None) -> PTQResult:
+        image_size=None, image_scale=(0.0, 1.0), allow_unsafe: bool = False, log=None, image_mean=None,
+        image_std=None, image_resize: str = "stretch") -> PTQResult:
     """Post-training quantization of a model, verified with the LiteRT interpreter.
 
     Args:
@@ -100,7 +101,8 @@ def ptq(model: Any, calibration_data: Any = None, scheme: Any = "int8", output: 
       batch_size: calibration batch size.
       strict: fail if some layer would stay float.
       progress: show progress bars.
-      image_size, image_scale: for image-folder data.
+      image_size, image_scale, image_mean, image_std, image_resize: for image-folder data (see
+        `calibrate.open_source`); the preprocessing is described to `log` in one line.
       allow_unsafe: allow loading models with serialized Python code.
       log: a function that takes progress messages (e.g. print), or None.
 
@@ -121,7 +123,8 @@ def ptq(model: Any, calibration_data: Any = None, scheme: Any = "int8", output: 
         prepared = prepare(model, calibration_data, scheme, num_calibration_samples=num_calibration_samples,
                            num_verification_samples=num_verification_samples, verification_data=verification_data,
                            range_method=range_method, batch_size=batch_size, strict=strict, progress=progress,
-                           image_size=image_size, image_scale=image_scale, allow_unsafe=allow_unsafe, log=log)
+                           image_size=image_size, image_scale=image_scale, allow_unsafe=allow_unsafe, log=log,
+                           image_mean=image_mean, image_std=image_std, image_resize=image_resize)
     seconds = {k: v for k, v in prepared.seconds.items() if k != "total"}
     data, path, notes, rewritten = _export(prepared, io_dtype, log, seconds)
     inspection = export.inspect(data)

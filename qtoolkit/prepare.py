@@ -95,7 +95,8 @@ def prepare(model: Any, calibration_data: Any, scheme: Any = "int8", *,
             num_calibration_samples: Optional[int] = None, num_verification_samples: Optional[int] = None,
             verification_data: Any = None, range_method: Optional[str] = None, batch_size: int = 32,
             strict: bool = False, progress: bool = True, image_size=None, image_scale=(0.0, 1.0),
-            allow_unsafe: bool = False, layerwise: bool = False, log=None) -> Prepared:
+            allow_unsafe: bool = False, layerwise: bool = False, log=None, image_mean=None, image_std=None,
+            image_resize: str = "stretch") -> Prepared:
     """Loads, splits the data, rewrites, runs the scheme's algorithms and calibrates (see the module docstring).
 
     Args:
@@ -109,7 +110,8 @@ def prepare(model: Any, calibration_data: Any, scheme: Any = "int8", *,
       batch_size: calibration batch size.
       strict: fail if some layer would stay float.
       progress: show progress bars.
-      image_size, image_scale: for image-folder data.
+      image_size, image_scale, image_mean, image_std, image_resize: for image-folder data (see
+        `calibrate.open_source`); the preprocessing is described to `log` in one line.
       allow_unsafe: allow loading models with serialized Python code.
       layerwise: also rewrite and calibrate where the export does not need it (int16x8), so the per-layer
         debugger can measure every layer.
@@ -137,10 +139,12 @@ def prepare(model: Any, calibration_data: Any, scheme: Any = "int8", *,
         specs = _saved_model_specs(loaded.path)
     seconds["load"] = time.perf_counter() - t0
 
-    source = cal.open_source(calibration_data, specs, image_size, image_scale)
+    source = cal.open_source(calibration_data, specs, image_size, image_scale, image_mean=image_mean,
+                             image_std=image_std, image_resize=image_resize, log=log)
     ver_source = None
     if verification_data is not None:
-        ver_source = cal.open_source(verification_data, specs, image_size, image_scale)
+        ver_source = cal.open_source(verification_data, specs, image_size, image_scale, image_mean=image_mean,
+                                     image_std=image_std, image_resize=image_resize, log=log)
         if num_verification_samples is None:
             num_verification_samples = ver_source.num_samples or DEFAULT_VERIFICATION_SAMPLES
     n_cal, n_ver = split(source, num_calibration_samples, num_verification_samples, ver_source is not None)

@@ -6,9 +6,10 @@
 """
 
 from qtoolkit.calibrate.calibrator import Calibration, calibrate
-from qtoolkit.calibrate.data import DataError, Source, open_source
+from qtoolkit.calibrate.data import RESIZE_POLICIES, DataError, ImagePreprocessing, Source, open_source
 from qtoolkit.calibrate.observers import (EMAObserver, EntropyObserver, MinMaxObserver, MSEObserver,
                                           PercentileObserver, make_observer)
 
-__all__ = ["calibrate", "Calibration", "open_source", "Source", "DataError", "make_observer",
+__all__ = ["calibrate", "Calibration", "open_source", "Source", "DataError", "ImagePreprocessing",
+           "RESIZE_POLICIES", "make_observer",
            "MinMaxObserver", "EMAObserver", "PercentileObserver", "MSEObserver", "EntropyObserver"]

@@ -28,7 +28,9 @@ def _run_from_flags():
     output = _cli.OUTPUT.value
     report = analyze(_cli.MODEL.value, _cli.CALIBRATION.value, _cli.SCHEME.value, output,
                      num_calibration_samples=_cli.NUM_CALIBRATION.value, num_samples=_NUM_SAMPLES.value,
-                     tflite=_TFLITE.value, allow_unsafe=_cli.UNSAFE.value)
+                     tflite=_TFLITE.value, allow_unsafe=_cli.UNSAFE.value, image_size=_cli.IMAGE_SIZE.value,
+                     image_scale=_cli.IMAGE_SCALE.value, image_mean=_cli.IMAGE_MEAN.value,
+                     image_std=_cli.IMAGE_STD.value, image_resize=_cli.IMAGE_RESIZE.value)
     print(f"output SQNR: simulated {format_db(report.output_sqnr['simulated'])} dB, "
           f"TFLite {format_db(report.output_sqnr.get('tflite'))} dB ({report.samples} held-out samples)")
     print(report.table())

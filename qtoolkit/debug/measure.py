@@ -173,7 +173,7 @@ def _upstream(model, quant_names) -> dict:
 def analyze(model: Any, calibration_data: Any = None, scheme: Any = "int8", output: Optional[str] = None, *,
             num_calibration_samples: Optional[int] = None, num_samples: Optional[int] = None,
             tflite: bool = True, allow_unsafe: bool = False, progress: bool = False, image_size=None,
-            image_scale=(0.0, 1.0), _setup=None) -> Report:
+            image_scale=(0.0, 1.0), image_mean=None, image_std=None, image_resize="stretch", _setup=None) -> Report:
     """Measures every quantized layer's error (see the `qtoolkit.debug` docstring); writes the report if `output`.
 
     Args:
@@ -184,6 +184,8 @@ def analyze(model: Any, calibration_data: Any = None, scheme: Any = "int8", outp
       output: report folder (replaced atomically), or None.
       num_calibration_samples: default up to 500; num_samples: held-out samples measured (default up to 200).
       tflite: also export and measure the TFLite model's intermediate tensors.
+      image_size, image_scale, image_mean, image_std, image_resize: for an image folder, see
+        `calibrate.open_source`.
 
     Raises:
       DebugError, loading.ModelLoadError, calibrate.DataError, schemes.SchemeError, export.ExportError.
@@ -191,7 +193,7 @@ def analyze(model: Any, calibration_data: Any = None, scheme: Any = "int8", outp
     if output:
         export.check_writable(output.rstrip("/") + ".tmp")
     s = _setup or setup(model, calibration_data, scheme, num_calibration_samples, num_samples, allow_unsafe,
-                        progress, image_size, image_scale)
+                        progress, image_size, image_scale, image_mean, image_std, image_resize)
     rw, x = s.rewritten, s.samples
     quant_names = [u[1] for u in s.units]
     float_all = run_batched(rw.float_model, x)

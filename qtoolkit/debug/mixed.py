@@ -59,7 +59,8 @@ def mixed_precision(model: Any, calibration_data: Any = None, scheme: Any = "int
                     budget_min_sqnr: Optional[float] = None, budget_max_accuracy_drop: Optional[float] = None,
                     labels: Optional[np.ndarray] = None, num_calibration_samples: Optional[int] = None,
                     num_samples: Optional[int] = None, io_dtype: str = "int8", allow_unsafe: bool = False,
-                    progress: bool = False, image_size=None, image_scale=(0.0, 1.0)) -> MixedPrecision:
+                    progress: bool = False, image_size=None, image_scale=(0.0, 1.0), image_mean=None,
+                    image_std=None, image_resize: str = "stretch") -> MixedPrecision:
     """Keeps the fewest layers float (most sensitive first) so the exported model meets the budget.
 
     Each candidate is converted and measured with the LiteRT interpreter on
@@ -81,7 +82,7 @@ def mixed_precision(model: Any, calibration_data: Any = None, scheme: Any = "int
     if output:
         export.check_writable(output)
     s = setup(model, calibration_data, scheme, num_calibration_samples, num_samples, allow_unsafe, progress,
-              image_size, image_scale)
+              image_size, image_scale, image_mean, image_std, image_resize)
     if s.scheme.activations.bits != 8:
         raise DebugError(f"mixed precision starts from an 8-bit activation scheme, not {s.scheme.name!r}")
     report = analyze(None, None, s.scheme, tflite=False, _setup=s)

@@ -44,7 +44,8 @@ class Setup:
 
 
 def setup(model, calibration_data=None, scheme="int8", num_calibration_samples=None, num_samples=None,
-          allow_unsafe=False, progress=False, image_size=None, image_scale=(0.0, 1.0)) -> Setup:
+          allow_unsafe=False, progress=False, image_size=None, image_scale=(0.0, 1.0), image_mean=None,
+          image_std=None, image_resize="stretch") -> Setup:
     """The debugger's Setup from a `Prepared` state, or from a model and data (prepared here, layer by layer).
 
     Args:
@@ -56,7 +57,8 @@ def setup(model, calibration_data=None, scheme="int8", num_calibration_samples=N
       num_samples: held-out samples measured (default: the prepared verification samples, up to 200).
       allow_unsafe: allow Lambda layers when loading from a file.
       progress: show the calibration progress bar.
-      image_size, image_scale: for an image folder, see `calibrate.open_source`.
+      image_size, image_scale, image_mean, image_std, image_resize: for an image folder, see
+        `calibrate.open_source`.
 
     Raises:
       DebugError: a weight-only scheme, or a SavedModel without Keras metadata.
@@ -67,7 +69,8 @@ def setup(model, calibration_data=None, scheme="int8", num_calibration_samples=N
     else:
         prepared = prepare(model, calibration_data, scheme, num_calibration_samples=num_calibration_samples,
                            num_verification_samples=num_samples, progress=progress, image_size=image_size,
-                           image_scale=image_scale, allow_unsafe=allow_unsafe, layerwise=True)
+                           image_scale=image_scale, allow_unsafe=allow_unsafe, layerwise=True,
+                           image_mean=image_mean, image_std=image_std, image_resize=image_resize)
     if prepared.scheme.activations is None:
         raise DebugError(f"scheme {prepared.scheme.name!r} quantizes only weights: there are no per-layer "
                          "activation errors to debug; use int8 or int16x8")
