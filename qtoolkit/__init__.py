@@ -8,11 +8,12 @@ Importing qtoolkit never changes which Keras `tf.keras` is for the user's code
 """
 
 from qtoolkit import _env  # noqa: F401  (TensorFlow's log level, before TensorFlow is imported)
+from qtoolkit.errors import QtoolkitError
 from qtoolkit.schemes import QuantScheme, SchemeError
 from qtoolkit.schemes import load as load_scheme
 
 __version__ = "0.1.0"
-__all__ = ["QuantScheme", "SchemeError", "load_scheme", "ptq", "quantize_model", "export_tflite",
+__all__ = ["QtoolkitError", "QuantScheme", "SchemeError", "load_scheme", "ptq", "quantize_model", "export_tflite",
            "custom_objects", "__version__"]
 
 

@@ -45,6 +45,10 @@ NUM_CALIBRATION = flags.DEFINE_integer(
     "num_calibration_samples", None, "Calibration samples (default: up to 500, leaving the verification samples).")
 UNSAFE = flags.DEFINE_bool("allow_unsafe_deserialization", False,
                            "Allow models with serialized Python code (Lambda layers). Only for trusted files.")
+CUSTOM_OBJECTS = flags.DEFINE_string(
+    "custom_objects", None, "A Python file defining the model's own classes (custom layers, a subclassed model), "
+    "for a model file that names them; it is imported, so its code runs. A `custom_objects` dict in it is used "
+    "if present, else every class it defines.")
 VERBOSE = flags.DEFINE_bool("verbose", False, "Show Python tracebacks and TensorFlow logs on errors.")
 # A folder of images as --calibration_data: decoded to the model's channel count, resized, scaled, normalized
 # (in that order; the run prints what it did in one line). See qtoolkit.calibrate.ImagePreprocessing.

@@ -14,7 +14,9 @@ At the end of every `export_every` epochs it exports the int8 TFLite model,
 runs it with the LiteRT interpreter on the validation data and puts
 `val_int8_accuracy` and `val_int8_sim_gap` (max |Keras QAT - TFLite| in
 output steps) into the epoch logs, where TensorBoard, EarlyStopping and
-ModelCheckpoint (placed after this callback) see them.
+ModelCheckpoint (placed after this callback) see them.  Multi-output models
+get these per output, segmentation and detection heads per pixel / anchor,
+and a user's metric per output (see QuantizationCallback).
 """
 
 from __future__ import annotations
@@ -28,29 +30,43 @@ from qtoolkit.qat import export_tflite, set_schedule
 
 
 class QuantizationCallback(keras.callbacks.Callback):
-    """QAT schedule + per-epoch int8 export and LiteRT evaluation.
+    """QAT schedule + per-epoch int8 export and LiteRT evaluation, for any outputs and tasks.
 
     Args:
-      validation_data: (x, y) with integer labels, or None (no int8 evaluation).
+      validation_data: (x, y) or None (no int8 evaluation).  `x`: an array, or one per model input; `y`: labels
+        of the first output, or one per output (a list, or a dict keyed by output name; None for an output
+        without labels), per position for per-pixel or per-anchor outputs.
       quant_delay: training steps before fake quant is applied.
       bn_freeze_step: step at which batch-norm statistics freeze (None: never).
       range_freeze_step: step at which activation ranges freeze (None: never).
       export_every: evaluate the int8 model every this many epochs.
-      best_path: keep the best int8 model (by val_int8_accuracy) here.
+      best_path: keep the best int8 model (by val_int8_accuracy, else the user's metric) here; without either,
+        the latest.
       io_dtype: exported model inputs/outputs.
+      output_tasks: "classification", "regression" or "auto", for all outputs or per output (see verify).
+      metrics: a function (outputs, labels) -> float (higher is better), or one per output: logged as
+        `val_int8_<name>` (and `val_qat_<name>` for the Keras model).
       verbose: print the int8 accuracy each time it is measured.
+
+    Logs (single-output model): val_int8_accuracy, val_qat_accuracy, val_int8_sim_gap.  With several
+    outputs, each output's `val_int8_<output>_accuracy`, `val_qat_<output>_accuracy`,
+    `val_int8_<output>_sim_gap`, plus val_int8_accuracy (mean over outputs with labels) and val_int8_sim_gap
+    (the largest).  A metric that cannot be computed (e.g. labels that do not fit an output) is left out
+    of the logs and said once; `fit` goes on.
     """
 
     def __init__(self, validation_data=None, quant_delay: int = 0, bn_freeze_step: Optional[int] = None,
                  range_freeze_step: Optional[int] = None, export_every: int = 1, best_path: Optional[str] = None,
-                 io_dtype: str = "int8", verbose: int = 0):
+                 io_dtype: str = "int8", verbose: int = 0, output_tasks=None, metrics=None):
         super().__init__()
         self.validation_data = validation_data
         self.quant_delay, self.bn_freeze_step, self.range_freeze_step = quant_delay, bn_freeze_step, range_freeze_step
         self.export_every, self.best_path, self.io_dtype, self.verbose = export_every, best_path, io_dtype, verbose
+        self.output_tasks, self.metrics = output_tasks, metrics
         self.step = 0
         self.best = -np.inf
         self.history: list[dict] = []
+        self._said: set = set()
 
     def _apply_schedule(self):
         set_schedule(self.model,
@@ -68,6 +84,11 @@ class QuantizationCallback(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1
 
+    def _say_once(self, key: str, message: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            print(f"QuantizationCallback: {message}")
+
     def on_epoch_end(self, epoch, logs=None):
         if self.validation_data is None or (epoch + 1) % self.export_every:
             return
@@ -76,21 +97,62 @@ class QuantizationCallback(keras.callbacks.Callback):
         x, y = self.validation_data
         data, _ = export_tflite(self.model, io_dtype=self.io_dtype)
         tfl = verify.LiteRTModel(data)
-        int8_out = tfl.predict(x)
-        keras_out = self.model.predict(x, batch_size=256, verbose=0)
-        cmp = verify.compare(keras_out, int8_out, y, tfl.output_step())
+        int8_out = tfl.predict(list(x) if isinstance(x, tuple) else x)
+        int8_out = int8_out if isinstance(int8_out, list) else [int8_out]
+        keras_out = verify.predict_keras(self.model, x, batch_size=256, all_outputs=True)
+        names = export.output_names(self.model)[:len(int8_out)]
+        found = self._measure(names, keras_out, int8_out, y, [tfl.output_step(i) for i in range(len(names))])
         logs = logs if logs is not None else {}
-        logs["val_int8_accuracy"] = cmp.candidate_accuracy
-        logs["val_qat_accuracy"] = cmp.reference_accuracy
-        logs["val_int8_sim_gap"] = cmp.max_error_steps
-        self.history.append({"epoch": epoch, **{k: logs[k] for k in ("val_int8_accuracy", "val_qat_accuracy",
-                                                                      "val_int8_sim_gap")}})
+        logs.update(found)
+        self.history.append({"epoch": epoch, **found})
+        accuracy = found.get("val_int8_accuracy")
         if self.verbose:
-            print(f"epoch {epoch + 1}: int8 TFLite accuracy {cmp.candidate_accuracy:.4f} "
-                  f"(Keras QAT {cmp.reference_accuracy:.4f}), simulation gap {cmp.max_error_steps:.2f} steps")
-        if self.best_path and cmp.candidate_accuracy > self.best:
-            self.best = cmp.candidate_accuracy
+            shown = "-" if accuracy is None else f"{accuracy:.4f}"
+            print(f"epoch {epoch + 1}: int8 TFLite accuracy {shown}, simulation gap "
+                  f"{found.get('val_int8_sim_gap', float('nan')):.2f} steps")
+        score = accuracy if accuracy is not None else next(
+            (v for k, v in found.items() if k.startswith("val_int8_") and k not in ("val_int8_sim_gap",)
+             and not k.endswith("_sim_gap") and not k.endswith("_accuracy")), None)
+        if self.best_path and (score is None or score > self.best):
+            self.best = -np.inf if score is None else score
             export.write_atomic(self.best_path, data)
+
+    def _measure(self, names, keras_out, int8_out, y, steps) -> dict:
+        """The epoch's logs: per output accuracy, user metric and simulation gap (what can be computed)."""
+        from qtoolkit import verify
+
+        several = len(names) > 1
+        try:
+            labels = verify.per_output(y, names, "labels")
+            tasks = verify.per_output(self.output_tasks, names, "output_tasks")
+            metrics = verify.per_output(self.metrics, names, "metrics")
+        except ValueError as e:
+            self._say_once("per_output", f"{e}; int8 metrics other than the simulation gap are skipped")
+            labels = tasks = metrics = [None] * len(names)
+        found, accuracies, gaps = {}, [], []
+        for name, ref, out, lab, task, metric, step in zip(names, keras_out, int8_out, labels, tasks, metrics,
+                                                            steps):
+            tag = f"{name}_" if several else ""
+            try:
+                cmp = verify.compare(ref, out, lab, step, task or "auto", metric)
+            except ValueError as e:  # labels or task that do not fit this output: say so, keep training
+                self._say_once(name, f"output {name!r}: {e}; its accuracy/metric is skipped")
+                cmp = verify.compare(ref, out, None, step, "regression")
+            if cmp.candidate_accuracy is not None:
+                found[f"val_int8_{tag}accuracy"] = cmp.candidate_accuracy
+                found[f"val_qat_{tag}accuracy"] = cmp.reference_accuracy
+                accuracies.append(cmp.candidate_accuracy)
+            if cmp.metric_name:
+                found[f"val_int8_{tag}{cmp.metric_name}"] = cmp.candidate_metric
+                found[f"val_qat_{tag}{cmp.metric_name}"] = cmp.reference_metric
+            if cmp.max_error_steps is not None:
+                found[f"val_int8_{tag}sim_gap"] = cmp.max_error_steps
+                gaps.append(cmp.max_error_steps)
+        if several and accuracies:
+            found["val_int8_accuracy"] = float(np.mean(accuracies))
+        if several and gaps:
+            found["val_int8_sim_gap"] = max(gaps)
+        return found
 
 
 def fine_tune(qat_model, x, y, *, epochs: int = 1, batch_size: int = 64, learning_rate: float = 1e-4,

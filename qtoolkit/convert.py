@@ -35,12 +35,19 @@ _NUM_VER = flags.DEFINE_integer("num_verification_samples", None,
                                 "Held-out samples for verification (default: up to 200, after the calibration ones).")
 _VER_DATA = flags.DEFINE_string("verification_data", None,
                                 "Separate verification inputs (.npy/.npz) instead of held-out calibration data.")
-_LABELS = flags.DEFINE_string("labels", None, "Integer labels (.npy) of the verification samples, for accuracy.")
+_LABELS = flags.DEFINE_string("labels", None, "Integer labels of the verification samples, for accuracy: .npy (the "
+                              "first output's), or .npz with one array per output name; per pixel / per anchor "
+                              "for segmentation and detection outputs.")
+_TASKS = flags.DEFINE_string(
+    "output_tasks", None, "What each output is, for its metrics: classification (top-1 agreement over the last axis "
+    "at every position: per sample, pixel or anchor), regression (SQNR and errors only) or auto (classification "
+    "when the last axis has > 1 value; the default). One task for all outputs, or per output: boxes=regression,"
+    "classes=classification.")
 _RANGE = flags.DEFINE_enum("range_method", None, ["minmax", "ema", "percentile", "mse", "entropy"],
                            "Override the scheme's activation range method.")
 _IO = flags.DEFINE_enum("io_dtype", "int8", ["int8", "uint8", "float32"], "Model input/output dtype.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Calibration batch size.")
-_STRICT = flags.DEFINE_bool("strict", False, "Fail if any layer would stay in float, or if the quantized model "
+_STRICT = flags.DEFINE_bool("strict", False, "Fail if the written file computes anything in float, or if the quantized model "
                             "leaves ops outside the XNNPACK delegate or is slower than the float model.")
 _IMAGE_SIZE, _IMAGE_SCALE = _cli.IMAGE_SIZE, _cli.IMAGE_SCALE  # image folders (shared with the debugger)
 _IMAGE_MEAN, _IMAGE_STD, _IMAGE_RESIZE = _cli.IMAGE_MEAN, _cli.IMAGE_STD, _cli.IMAGE_RESIZE
@@ -70,6 +77,28 @@ _BENCHMARK = flags.DEFINE_bool("benchmark", False,
 _BENCHMARK_RUNS = flags.DEFINE_integer("benchmark_runs", 100, "Timed invokes per model and thread count.")
 
 
+def _tasks(text, names):
+    """--output_tasks: one task for every output, or name=task pairs -> what verify.compare_outputs reads."""
+    from qtoolkit import verify
+
+    if not text:
+        return None
+    if "=" not in text:
+        if text not in verify.TASKS:
+            raise UsageError(f"--output_tasks {text}: choose {', '.join(verify.TASKS)} (or name=task pairs)")
+        return text
+    tasks = {}
+    for part in text.split(","):
+        name, _, task = part.partition("=")
+        if name.strip() not in names:
+            raise UsageError(f"--output_tasks: no output named {name.strip()!r}; the model's outputs are "
+                             f"{', '.join(names) or 'unknown'}")
+        if task.strip() not in verify.TASKS:
+            raise UsageError(f"--output_tasks {part}: choose {', '.join(verify.TASKS)}")
+        tasks[name.strip()] = task.strip()
+    return tasks
+
+
 def _pair(text, name, cast):
     try:
         a, b = text.replace("x", ",").split(",")
@@ -82,7 +111,8 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
         num_calibration_samples=None, num_verification_samples=None, verification_data=None, labels=None,
         range_method=None, io_dtype="int8", batch_size=32, strict=False, image_size=None, image_scale="0,1",
         allow_unsafe=False, out=None, budget_max_accuracy_drop=None, budget_min_sqnr=None, benchmark=False,
-        benchmark_runs=100, algorithms=None, image_mean=None, image_std=None, image_resize="stretch"):
+        benchmark_runs=100, algorithms=None, image_mean=None, image_std=None, image_resize="stretch",
+        custom_objects=None, output_tasks=None):
     """Runs the conversion (what the command line does); returns the PTQResult.
 
     `algorithms` overrides keys of the scheme's algorithms section, e.g.
@@ -103,11 +133,13 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
     if labels:
         try:
             y = np.load(labels, allow_pickle=False)
+            if not isinstance(y, np.ndarray):  # .npz: labels per output name
+                y = {k: y[k] for k in y.files}
         except (OSError, ValueError) as e:
             raise UsageError(f"--labels {labels}: cannot read ({str(e).splitlines()[0]})") from None
     size = _pair(image_size, "image_size", int) if image_size else None
-    if budget_max_accuracy_drop is not None and y is None:
-        raise UsageError("--budget_max_accuracy_drop needs --labels (labels of the verification samples)")
+    if budget_max_accuracy_drop is not None and not isinstance(y, np.ndarray):
+        raise UsageError("--budget_max_accuracy_drop needs --labels (a .npy of the first output's labels)")
     if budget_max_accuracy_drop is not None and budget_min_sqnr is not None:
         raise UsageError("give one of --budget_max_accuracy_drop and --budget_min_sqnr, not both")
     if output:
@@ -124,8 +156,9 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
         num_verification_samples=num_verification_samples, verification_data=verification_data,
         range_method=range_method, batch_size=batch_size, strict=strict, image_size=size,
         image_scale=_pair(image_scale, "image_scale", float), image_mean=image_mean, image_std=image_std,
-        image_resize=image_resize, allow_unsafe=allow_unsafe, log=log)
-    result = pipeline.ptq(prepared, labels=y, io_dtype=io_dtype, log=log)
+        image_resize=image_resize, allow_unsafe=allow_unsafe, custom_objects=custom_objects, log=log)
+    result = pipeline.ptq(prepared, labels=y, io_dtype=io_dtype, strict=strict, log=log,
+                          output_tasks=_tasks(output_tasks, prepared.output_names))
     version = prepared.loaded.keras_version
     if version:
         print(f"model: Keras {version}" + (" (read into its tf_keras twin: same layers and weights, checked on "
@@ -148,8 +181,9 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
         export.write_atomic(output, result.tflite)
         result = dataclasses.replace(result, output=output)
     print(f"wrote {output}" if output else "no --output: nothing written", file=out)
+    outputs = "each output against its own float twin" if len(result.per_output) > 1 else "model output"
     print(f"\nverification (LiteRT interpreter, {next(iter(result.comparisons.values())).samples} held-out "
-          "samples, first model output):", file=out)
+          f"samples, {outputs}):", file=out)
     print(result.table(), file=out)
     _debug_summary(prepared, result, model, calibration_data, output, y, io_dtype, budget_max_accuracy_drop,
                    budget_min_sqnr, out)
@@ -215,7 +249,8 @@ def _run_from_flags():
             _IMAGE_SIZE.value, _IMAGE_SCALE.value, _UNSAFE.value,
             budget_max_accuracy_drop=_BUDGET_DROP.value, budget_min_sqnr=_BUDGET_SQNR.value,
             benchmark=_BENCHMARK.value, benchmark_runs=_BENCHMARK_RUNS.value, algorithms=_algorithm_flags(),
-            image_mean=_IMAGE_MEAN.value, image_std=_IMAGE_STD.value, image_resize=_IMAGE_RESIZE.value)
+            image_mean=_IMAGE_MEAN.value, image_std=_IMAGE_STD.value, image_resize=_IMAGE_RESIZE.value,
+            custom_objects=_cli.CUSTOM_OBJECTS.value, output_tasks=_TASKS.value)
 
 
 def _algorithm_flags() -> dict:

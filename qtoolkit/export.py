@@ -13,7 +13,6 @@ and activations into int8 with exactly those ranges.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import os
@@ -24,19 +23,17 @@ import numpy as np
 import tensorflow as tf
 
 from qtoolkit.errors import ExportError  # noqa: F401  (raised here; defined with the others)
+from qtoolkit.inspection import Inspection, WeightInfo, inspect  # noqa: F401  (export's public names since 0.1)
 
 IO_DTYPES = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}
 TFLITE_MAX_BYTES = 2 ** 31 - 1
-WEIGHT_OPS = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 0}  # op -> output-channel axis of weights
-# Ops that move data between float and integer, or index it: not "float compute".
-_BOUNDARY_OPS = {"QUANTIZE", "DEQUANTIZE"}
 
 
 def _converter_for(model) -> tf.lite.TFLiteConverter:
     return tf.lite.TFLiteConverter.from_keras_model(model)
 
 
-def _converter_from_function(model) -> tf.lite.TFLiteConverter:
+def converter_from_function(model, specs=None) -> tf.lite.TFLiteConverter:
     """A converter for the model's inference function, with only its variables attached.
 
     `from_keras_model` first saves a Keras SavedModel, which traces every
@@ -45,10 +42,13 @@ def _converter_from_function(model) -> tf.lite.TFLiteConverter:
     with a plain tf.Module holding the variables, gives the same flatbuffer
     contents (same ops, tensors and outputs; tested) four times faster.
     """
-    specs = [tf.TensorSpec(t.shape, t.dtype, name=t.name.split(":")[0]) for t in model.inputs]
+    specs = specs or [tf.TensorSpec(t.shape, t.dtype, name=t.name.split(":")[0]) for t in model.inputs]
 
     def call(*inputs):
-        return model(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
+        outputs = model(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
+        if isinstance(outputs, (list, tuple)) and len(outputs) > 1 and model.outputs:  # the signature carries the Keras names
+            return dict(zip(output_names(model), outputs))
+        return outputs
 
     function = tf.function(call, input_signature=specs).get_concrete_function()
     holder = tf.Module()
@@ -56,7 +56,8 @@ def _converter_from_function(model) -> tf.lite.TFLiteConverter:
     return tf.lite.TFLiteConverter.from_concrete_functions([function], holder)
 
 
-def _convert(converter) -> bytes:
+def _convert(converter, model=None) -> bytes:
+    """The converter's flatbuffer; with the Keras `model`, its inputs and outputs in the model's order."""
     import warnings
 
     try:
@@ -64,7 +65,8 @@ def _convert(converter) -> bytes:
             # The fake-quant path has no input statistics by design: the input
             # quantizer carries the input range.
             warnings.filterwarnings("ignore", "Statistics for quantized inputs were expected")
-            return converter.convert()
+            data = converter.convert()
+            return data if model is None else in_keras_order(data, model)
     except Exception as e:  # noqa: BLE001  (the converter raises many types)
         import re
 
@@ -83,11 +85,57 @@ def fake_quant_to_tflite(model, io_dtype: str = "int8") -> bytes:
     if io_dtype not in IO_DTYPES:
         raise ValueError(f"io_dtype must be one of {', '.join(IO_DTYPES)}, got {io_dtype!r}")
     with _kernels_snapped(model), _activations_at_least_8_bits(model):
-        converter = _converter_from_function(model)
+        converter = converter_from_function(model)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.inference_input_type = IO_DTYPES[io_dtype]
         converter.inference_output_type = IO_DTYPES[io_dtype]
-        return _convert(converter)
+        return _convert(converter, model)
+
+
+def output_names(model) -> list:
+    """The names of a model's outputs as the user's model has them (a rewritten model keeps the original's)."""
+    return list(getattr(model, "_qtoolkit_output_names", None) or model.output_names)
+
+
+def in_keras_order(data: bytes, model) -> bytes:
+    """The flatbuffer with its inputs and outputs in the Keras model's order.
+
+    The converter lists a multi-input/multi-output model's tensors in an order of its own (by signature
+    name, or reversed: a two-head model's heads came out swapped), so a user indexing outputs by position
+    would read the wrong head.  The signature maps each Keras name to its tensor; the subgraph's input and
+    output lists (and the signature's) are put in the model's order.  Nothing else in the file changes; a
+    model whose order already matches is returned as it was.
+    """
+    input_names = [t.name.split(":")[0] for t in model.inputs]
+    names = output_names(model)
+    if len(input_names) < 2 and len(names) < 2:
+        return data
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    tree = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
+    if not tree.signatureDefs:
+        return data
+    signature = tree.signatureDefs[0]
+    graph = tree.subgraphs[signature.subgraphIndex]
+
+    def ordered(maps, names):
+        by_name = {m.name.decode() if isinstance(m.name, bytes) else m.name: m for m in maps}
+        if set(by_name) != set(names):  # e.g. output_0, output_1: already positional
+            by_name = {f"output_{i}": by_name.get(f"output_{i}") for i in range(len(names))}
+            names = list(by_name)
+            if None in by_name.values():
+                return None
+        return [by_name[n] for n in names]
+
+    inputs, outputs = ordered(signature.inputs, input_names), ordered(signature.outputs, names)
+    if inputs is None or outputs is None:
+        return data
+    new_inputs, new_outputs = [m.tensorIndex for m in inputs], [m.tensorIndex for m in outputs]
+    if list(graph.inputs) == new_inputs and list(graph.outputs) == new_outputs:
+        return data
+    graph.inputs, graph.outputs = new_inputs, new_outputs
+    signature.inputs, signature.outputs = inputs, outputs
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(tree))
 
 
 @contextlib.contextmanager
@@ -149,7 +197,7 @@ def weight_only_tflite(model) -> bytes:
     """Dynamic-range model: int8 weights (per channel), float activations."""
     converter = _converter_for(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    return _convert(converter)
+    return _convert(converter, model)
 
 
 def converter_ptq_tflite(model, representative: Callable[[], Iterable], int16x8: bool = False,
@@ -172,7 +220,7 @@ def converter_ptq_tflite(model, representative: Callable[[], Iterable], int16x8:
                                                tf.lite.OpsSet.TFLITE_BUILTINS]
         io = IO_DTYPES[io_dtype]
     converter.inference_input_type = converter.inference_output_type = io
-    return _convert(converter)
+    return _convert(converter, None if hasattr(model, "convert") else model)
 
 
 def float_tflite(model) -> bytes:
@@ -185,7 +233,7 @@ def float_tflite(model) -> bytes:
 
     if keras3.is_keras3(model):
         model = keras3.to_tf_keras(model)
-    return _convert(_converter_from_function(model))
+    return _convert(converter_from_function(model), model)
 
 
 def check_size_estimate(model, bytes_per_parameter: float = 1.0) -> int:
@@ -255,99 +303,6 @@ def write_atomic(path: str, data: bytes) -> None:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightInfo:
-    """A weight tensor of a Conv2D / DepthwiseConv2D / FullyConnected op."""
-
-    op: str
-    name: str
-    dtype: str
-    channels: int
-    num_scales: int
-
-    @property
-    def per_channel(self) -> bool:
-        return self.num_scales == self.channels and self.channels > 1
-
-
-@dataclasses.dataclass(frozen=True)
-class Inspection:
-    """What a flatbuffer contains.
-
-    Attributes:
-      size_bytes: flatbuffer size.
-      ops: op type -> count.
-      tensor_dtypes: dtype -> number of tensors.
-      float_ops: (op type, output tensor name) of every op computing in float.
-      weights: one WeightInfo per Conv/Depthwise/FullyConnected op.
-      input_dtypes, output_dtypes: the model's I/O dtypes.
-    """
-
-    size_bytes: int
-    ops: dict
-    tensor_dtypes: dict
-    float_ops: list
-    weights: list
-    input_dtypes: list
-    output_dtypes: list
-
-    @property
-    def fully_quantized(self) -> bool:
-        return not self.float_ops
-
-    @property
-    def all_weights_per_channel(self) -> bool:
-        return all(w.per_channel and w.dtype == "int8" for w in self.weights)
-
-    def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        data["fully_quantized"] = self.fully_quantized
-        data["all_weights_per_channel"] = self.all_weights_per_channel
-        return data
-
-    def summary(self) -> str:
-        ops = ", ".join(f"{k} x{v}" for k, v in sorted(self.ops.items()))
-        per_channel = sum(w.per_channel for w in self.weights)
-        lines = [f"size {self.size_bytes / 1024:.1f} KiB; ops: {ops}",
-                 f"inputs {'/'.join(self.input_dtypes)}, outputs {'/'.join(self.output_dtypes)}; "
-                 f"{per_channel}/{len(self.weights)} weight tensors with per-channel scales"]
-        if self.float_ops:
-            lines.append("float ops: " + ", ".join(f"{op} ({name})" for op, name in self.float_ops))
-        else:
-            lines.append("no float ops: every op computes in integer")
-        return "\n".join(lines)
-
-
-def inspect(data: bytes) -> Inspection:
-    """Counts ops and dtypes, lists float ops, checks weight scales per channel."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    interpreter = Interpreter(model_content=bytes(data),
-                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
-    ops = collections.Counter()
-    float_ops, weights = [], []
-    for op in interpreter._get_ops_details():
-        name = op["op_name"]
-        ops[name] += 1
-        ins = [tensors[i] for i in op["inputs"] if i >= 0]
-        outs = [tensors[i] for i in op["outputs"]]
-        if name not in _BOUNDARY_OPS and any(t["dtype"] == np.float32 for t in ins + outs):
-            float_ops.append((name, outs[0]["name"] if outs else ""))
-        if name in WEIGHT_OPS and len(ins) > 1:
-            w = ins[1]
-            axis = WEIGHT_OPS[name]
-            channels = int(w["shape"][axis]) if len(w["shape"]) > axis else 1
-            weights.append(WeightInfo(name, w["name"], np.dtype(w["dtype"]).name, channels,
-                                      len(w["quantization_parameters"]["scales"])))
-    return Inspection(
-        size_bytes=len(data), ops=dict(ops),
-        tensor_dtypes=dict(collections.Counter(np.dtype(t["dtype"]).name for t in tensors.values())),
-        float_ops=float_ops, weights=weights,
-        input_dtypes=[np.dtype(d["dtype"]).name for d in interpreter.get_input_details()],
-        output_dtypes=[np.dtype(d["dtype"]).name for d in interpreter.get_output_details()])
 
 
 def float_tflite_saved_model(path: str) -> bytes:

@@ -20,8 +20,9 @@ from typing import Optional
 
 import tf_keras as keras
 
-from qtoolkit.rewrite.objects import custom_objects
-from qtoolkit.errors import ModelLoadError  # noqa: F401  (raised here; defined with the others)
+from qtoolkit import user_code
+from qtoolkit.rewrite.objects import custom_objects as qtoolkit_objects
+from qtoolkit.errors import ModelLoadError, UnsupportedModelError  # noqa: F401  (raised here)
 
 
 @dataclasses.dataclass
@@ -32,19 +33,27 @@ class LoadedModel:
       path: the file or folder, or "<in memory>".
       keras_model: the tf_keras model qtoolkit rewrites (for a Keras 3 model: its tf_keras twin, see
         `rewrite.keras3`), or None for a SavedModel without Keras metadata.
-      kind: "keras", "h5", "saved_model_keras" or "saved_model".
-      source_model: the user's Keras 3 model when `keras_model` is its twin (the float reference), else None.
+      kind: "keras", "h5", "saved_model_keras", "saved_model", or "subclassed" (a subclassed model qtoolkit
+        could not trace into a graph: `keras_model` is None and the converter calibrates `source_model`).
+      source_model: the user's own model when `keras_model` is another object computing the same (a Keras 3
+        model's tf_keras twin, a subclassed model traced into a graph): the float reference; else None.
+      note: how the model was read, in words, when it was not simply loaded (traced, twinned), else "".
     """
 
     path: str
     keras_model: Optional[keras.Model]
-    kind: str  # "keras", "h5", "saved_model_keras", "saved_model"
+    kind: str  # "keras", "h5", "saved_model_keras", "saved_model", "subclassed"
     source_model: Optional[object] = None
+    note: str = ""
 
     @property
     def keras_version(self) -> str:
         """"3" for a Keras 3 model, "2" for tf_keras, "" without a Keras model."""
-        return "3" if self.source_model is not None else ("2" if self.keras_model is not None else "")
+        from qtoolkit.rewrite import keras3
+
+        if self.source_model is not None:
+            return "3" if keras3.is_keras3(self.source_model) else "2"
+        return "2" if self.keras_model is not None else ""
 
     @property
     def reference_model(self):
@@ -52,13 +61,83 @@ class LoadedModel:
         return self.source_model if self.source_model is not None else self.keras_model
 
 
-def from_memory(model) -> LoadedModel:
-    """A model object the user passed (tf_keras or Keras 3), as a LoadedModel; never modified."""
+def from_memory(model, path: str = "<in memory>", kind: str = "keras") -> LoadedModel:
+    """A model object (tf_keras or Keras 3, functional, Sequential or subclassed) as a LoadedModel; never
+    modified.  A subclassed model is traced into a graph of its own layers (`trace`)."""
     from qtoolkit.rewrite import keras3
 
+    if not hasattr(model, "layers") or not callable(model):
+        raise ModelLoadError(f"expected a Keras model, got a {type(model).__name__}")
+    if not is_graph(model):
+        try:
+            graph = trace(model)
+        except UnsupportedModelError as e:
+            if keras3.is_keras3(model) or not input_specs(model):
+                raise
+            return LoadedModel(path, None, "subclassed", source_model=model, note=str(e))
+        traced = keras3.to_tf_keras(graph) if keras3.is_keras3(graph) else graph
+        return LoadedModel(path, traced, kind, source_model=model,
+                           note=f"subclassed model {model.name!r} traced into a graph of its own layers (its "
+                                "outputs checked on the verification samples)")
     if keras3.is_keras3(model):
-        return LoadedModel("<in memory>", keras3.to_tf_keras(model), "keras", source_model=model)
-    return LoadedModel("<in memory>", model, "keras")
+        return from_memory(model, path, kind)
+    return LoadedModel(path, model, kind)
+
+
+def is_graph(model) -> bool:
+    return bool(getattr(model, "_is_graph_network", False)) or type(model).__name__ in ("Functional", "Sequential")
+
+
+def trace(model):
+    """A subclassed model as a Functional model of the same layers, by calling its `call` on symbolic inputs.
+
+    Layers stay shared with `model` (nothing is copied, nothing is changed); TensorFlow ops inside `call`
+    become op layers the rewrite reads.  The caller checks the outputs against `model`'s.
+
+    Raises:
+      UnsupportedModelError: the model was never built or called (its input shape is unknown), or its `call`
+        cannot run on symbolic tensors (Python control flow on values, for example).
+    """
+    from qtoolkit.rewrite import keras3
+
+    k = __import__("keras") if keras3.is_keras3(model) else keras
+    specs = input_specs(model)
+    if not specs:
+        raise UnsupportedModelError(f"subclassed model {model.name!r} was never built or called, so its input "
+                                    "shape is unknown; call it once on a batch (or model.build(shape)) first")
+    inputs = [k.Input(shape=tuple(s.shape[1:]), dtype=s.dtype.name if hasattr(s.dtype, "name") else s.dtype,
+                      name=(getattr(s, "name", None) or f"input_{i}").split(":")[0])
+              for i, s in enumerate(specs)]
+    try:
+        outputs = model.call(inputs[0] if len(inputs) == 1 else inputs)
+        return k.Model(inputs, outputs, name=model.name)
+    except Exception as e:  # noqa: BLE001  (user code raises anything on symbolic tensors)
+        raise UnsupportedModelError(f"subclassed model {model.name!r} could not be traced into a graph "
+                                    f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def input_specs(model) -> list:
+    """The input TensorSpecs a built or called model was used with."""
+    import tensorflow as tf
+
+    spec = None
+    if hasattr(model, "save_spec"):
+        try:
+            spec = model.save_spec()
+        except Exception:  # noqa: BLE001
+            spec = None
+    if spec:
+        flat = tf.nest.flatten(spec[0])
+        if flat and all(isinstance(s, tf.TensorSpec) for s in flat):
+            return flat
+    shape = getattr(model, "_build_input_shape", None) or getattr(model, "_build_shapes_dict", None)
+    if isinstance(shape, dict) and len(shape) == 1:
+        shape = next(iter(shape.values()))
+    if shape is None:
+        return []
+    shapes = [shape] if not isinstance(shape, (list, tuple)) or not shape or not isinstance(
+        shape[0], (list, tuple)) else list(shape)
+    return [tf.TensorSpec(tuple(s), tf.float32) for s in shapes]
 
 
 def _keras_version_of_zip(path: str) -> Optional[str]:
@@ -141,7 +220,7 @@ def _keras_version_of_h5(path: str) -> str:
         return ""
 
 
-def _load_keras3(path: str, kind: str, version: str, allow_unsafe: bool) -> LoadedModel:
+def _load_keras3(path: str, kind: str, version: str, allow_unsafe: bool, user: dict) -> LoadedModel:
     """A file written by Keras 3: loaded by Keras 3 (safe mode), read into its tf_keras twin."""
     _refuse_unsafe(path, kind, allow_unsafe)
     from qtoolkit.rewrite import keras3
@@ -150,9 +229,12 @@ def _load_keras3(path: str, kind: str, version: str, allow_unsafe: bool) -> Load
 
     keras3.check_backend()
     try:
-        model = keras_3.saving.load_model(path, compile=False, safe_mode=not allow_unsafe)
+        model = keras_3.saving.load_model(path, compile=False, safe_mode=not allow_unsafe, custom_objects=user)
     except Exception as e:  # noqa: BLE001  (Keras raises many types for bad files)
         message = _first_line(e)
+        unknown = user_code.unknown_classes(_model_config(path, kind), user, keras_3)
+        if unknown:
+            raise user_code.unknown_class_error(path, unknown) from None
         if "could not locate" in message.lower() or "unknown layer" in message.lower():
             raise ModelLoadError(f"{path}: cannot load the model ({message}); it names a class Keras 3 does not "
                                  "know: a custom layer must be registered (keras.saving.register_keras_serializable) "
@@ -161,7 +243,7 @@ def _load_keras3(path: str, kind: str, version: str, allow_unsafe: bool) -> Load
                              "complete?") from None
     if not isinstance(model, keras_3.Model):
         raise ModelLoadError(f"{path}: loaded a {type(model).__name__}, not a Keras model")
-    return LoadedModel(path, keras3.to_tf_keras(model), kind, source_model=model)
+    return from_memory(model, path, kind)
 
 
 def _first_line(e: Exception) -> str:
@@ -169,8 +251,13 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0][:300] if text else type(e).__name__
 
 
-def load_model(path: str, allow_unsafe: bool = False) -> LoadedModel:
+def load_model(path: str, allow_unsafe: bool = False, custom_objects=None) -> LoadedModel:
     """Loads a model for quantization.
+
+    Args:
+      path: a SavedModel folder, a .keras or an .h5 file.
+      allow_unsafe: allow serialized Python code (Lambda layers).
+      custom_objects: the user's classes the file names: a dict, or a .py file defining them (see user_code).
 
     Raises:
       ModelLoadError: missing path, unreadable or corrupt file, Keras 3 file,
@@ -178,7 +265,8 @@ def load_model(path: str, allow_unsafe: bool = False) -> LoadedModel:
     """
     if not os.path.exists(path):
         raise ModelLoadError(f"model {path!r} does not exist; give a SavedModel folder, a .keras or an .h5 file")
-    scope = custom_objects()
+    user = user_code.read(custom_objects)
+    scope = {**qtoolkit_objects(), **user}
     if os.path.isdir(path):
         if not (os.path.isfile(os.path.join(path, "saved_model.pb"))
                 or os.path.isfile(os.path.join(path, "saved_model.pbtxt"))):
@@ -208,12 +296,12 @@ def load_model(path: str, allow_unsafe: bool = False) -> LoadedModel:
                                  "save the model again")
         kind = "keras"
         if version.startswith("3"):
-            return _load_keras3(path, kind, version, allow_unsafe)
+            return _load_keras3(path, kind, version, allow_unsafe, user)
     elif lower.endswith((".h5", ".hdf5")):
         kind = "h5"
         version = _keras_version_of_h5(path)
         if version.startswith("3"):
-            return _load_keras3(path, kind, version, allow_unsafe)
+            return _load_keras3(path, kind, version, allow_unsafe, user)
     else:
         raise ModelLoadError(f"{path}: unknown model format; give a SavedModel folder, a .keras or an .h5 file")
     _refuse_unsafe(path, kind, allow_unsafe)
@@ -221,6 +309,9 @@ def load_model(path: str, allow_unsafe: bool = False) -> LoadedModel:
         model = keras.models.load_model(path, compile=False, custom_objects=scope, safe_mode=not allow_unsafe)
     except Exception as e:  # noqa: BLE001  (Keras raises many types for bad files)
         message = _first_line(e)
+        unknown = user_code.unknown_classes(_model_config(path, kind), scope, keras)
+        if unknown:
+            raise user_code.unknown_class_error(path, unknown) from None
         if "unsafe" in message.lower() or "lambda" in message.lower() or "safe_mode" in message:
             raise ModelLoadError(f"{path} contains serialized Python code (a Lambda layer) that qtoolkit will "
                                  "not run by default; if you trust the file, pass --allow_unsafe_deserialization"
@@ -228,4 +319,4 @@ def load_model(path: str, allow_unsafe: bool = False) -> LoadedModel:
         raise ModelLoadError(f"{path}: cannot load the model ({message}); is the file complete?") from None
     if not isinstance(model, keras.Model):
         raise ModelLoadError(f"{path}: loaded a {type(model).__name__}, not a Keras model")
-    return LoadedModel(path, model, kind)
+    return from_memory(model, path, kind)

@@ -19,7 +19,8 @@ import numpy as np
 
 from qtoolkit import algorithms
 from qtoolkit import calibrate as cal
-from qtoolkit import export, verify
+from qtoolkit import export, inspection, verify
+from qtoolkit.errors import UnquantizableLayersError
 from qtoolkit.prepare import Prepared, prepare
 from qtoolkit.schemes import QuantScheme
 
@@ -36,11 +37,15 @@ class PTQResult:
       notes: what the path could not do, or other caveats.
       inspection: export.Inspection of the flatbuffer.
       calibration: cal.Calibration, or None when the converter calibrated.
-      comparisons: name -> verify.Comparison.
-      folded: fused patterns; float_layers: layers left in float.
+      comparisons: name ("float vs TFLite", "float vs simulated", "simulated vs TFLite") -> verify.Comparison
+        of the model's first output (its only one for most models).
+      folded: fused patterns; float_layers: what the written flatbuffer computes in float (the layers its
+        float ops come from, read from the file, not predicted).
       seconds: stage -> wall time.
       outputs: "float", "tflite" (and "simulated") -> the first model output on the verification samples,
         as measured for `comparisons` (so later tools need not run the models again).
+      per_output: output name -> the comparisons of that output, for every output, each against its own
+        float twin (in the model's output order, which is also the file's).
     """
 
     tflite: bytes
@@ -55,9 +60,14 @@ class PTQResult:
     float_layers: tuple
     seconds: dict
     outputs: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    per_output: dict = dataclasses.field(default_factory=dict)
 
     def table(self) -> str:
-        return verify.format_table(self.comparisons)
+        """The verification table; one per output (named, with its task) when the model has several."""
+        if len(self.per_output) <= 1:
+            return verify.format_table(self.comparisons)
+        return "\n\n".join(f"output {name!r} ({next(iter(c.values())).task}):\n{verify.format_table(c)}"
+                            for name, c in self.per_output.items())
 
     def to_dict(self) -> dict:
         return {
@@ -68,20 +78,18 @@ class PTQResult:
                 "seconds": self.calibration.seconds,
                 "ranges": {k: list(v) for k, v in self.calibration.ranges.items()}},
             "comparisons": {k: v.to_dict() for k, v in self.comparisons.items()},
+            "per_output": {o: {k: v.to_dict() for k, v in c.items()} for o, c in self.per_output.items()},
             "folded": list(self.folded), "float_layers": list(self.float_layers), "seconds": self.seconds,
         }
 
 
-def _first(outputs):
-    return outputs[0] if isinstance(outputs, list) else outputs
-
-
 def ptq(model: Any, calibration_data: Any = None, scheme: Any = "int8", output: Optional[str] = None, *,
         num_calibration_samples: Optional[int] = None, num_verification_samples: Optional[int] = None,
-        verification_data: Any = None, labels: Optional[np.ndarray] = None, range_method: Optional[str] = None,
+        verification_data: Any = None, labels: Any = None, output_tasks: Any = None, metrics: Any = None,
+        range_method: Optional[str] = None,
         io_dtype: str = "int8", batch_size: int = 32, strict: bool = False, progress: bool = True,
         image_size=None, image_scale=(0.0, 1.0), allow_unsafe: bool = False, log=None, image_mean=None,
-        image_std=None, image_resize: str = "stretch") -> PTQResult:
+        image_std=None, image_resize: str = "stretch", custom_objects=None) -> PTQResult:
     """Post-training quantization of a model, verified with the LiteRT interpreter.
 
     Args:
@@ -95,15 +103,21 @@ def ptq(model: Any, calibration_data: Any = None, scheme: Any = "int8", output: 
       num_verification_samples: held-out samples for verification (default:
         up to 200, taken after the calibration samples).
       verification_data: separate verification inputs (instead of held-out calibration data).
-      labels: labels of the verification samples, for accuracy.
+      labels: labels of the verification samples, for accuracy: an array (the first output's), or one per
+        output (a list, or a dict keyed by output name); per position for per-pixel/per-anchor outputs.
+      output_tasks: "classification", "regression" or "auto" (default), for all outputs or per output
+        (list / dict by output name): see `verify.compare`.
+      metrics: a function (outputs, labels) -> float measured on float and TFLite outputs, or one per
+        output (list / dict by output name).
       range_method: overrides the scheme's activation range method.
       io_dtype: "int8", "uint8" or "float32" model inputs and outputs.
       batch_size: calibration batch size.
-      strict: fail if some layer would stay float.
+      strict: fail if the written file computes anything in float (read from the file; nothing is written).
       progress: show progress bars.
       image_size, image_scale, image_mean, image_std, image_resize: for image-folder data (see
         `calibrate.open_source`); the preprocessing is described to `log` in one line.
       allow_unsafe: allow loading models with serialized Python code.
+      custom_objects: the user's classes a model file names: a dict, or a .py file defining them (its code runs).
       log: a function that takes progress messages (e.g. print), or None.
 
     Raises:
@@ -124,35 +138,61 @@ def ptq(model: Any, calibration_data: Any = None, scheme: Any = "int8", output: 
                            num_verification_samples=num_verification_samples, verification_data=verification_data,
                            range_method=range_method, batch_size=batch_size, strict=strict, progress=progress,
                            image_size=image_size, image_scale=image_scale, allow_unsafe=allow_unsafe, log=log,
-                           image_mean=image_mean, image_std=image_std, image_resize=image_resize)
+                           image_mean=image_mean, image_std=image_std, image_resize=image_resize,
+                           custom_objects=custom_objects)
     seconds = {k: v for k, v in prepared.seconds.items() if k != "total"}
     data, path, notes, rewritten = _export(prepared, io_dtype, log, seconds)
     inspection = export.inspect(data)
+    float_layers = _float_layers(prepared, rewritten, inspection)
+    if strict and float_layers:
+        raise UnquantizableLayersError(
+            f"--strict: the {prepared.scheme.name} file computes in float in {len(float_layers)} place(s): "
+            f"{', '.join(float_layers)}; nothing was written (keep them float by dropping --strict, or see "
+            "docs/coverage.md for what converts fully integer)")
     t3 = time.perf_counter()
-    comparisons, outputs = _verify(prepared, data, rewritten, labels)
+    comparisons, outputs, per_output = _verify(prepared, data, rewritten, labels, output_tasks, metrics)
     seconds["verify"] = time.perf_counter() - t3
     if output:
         export.write_atomic(output, data)
     seconds["total"] = time.perf_counter() - t0 + (prepared.seconds["total"] if already else 0.0)
     return PTQResult(data, output, prepared.scheme, path, tuple(notes), inspection,
                      prepared.calibration if rewritten is not None else None, comparisons,
-                     tuple(rewritten.folded) if rewritten else (), tuple(rewritten.float_layers) if rewritten else (),
-                     seconds, outputs)
+                     tuple(rewritten.folded) if rewritten else (), float_layers, seconds, outputs, per_output)
+
+
+def _float_layers(prepared: Prepared, rewritten, facts) -> tuple:
+    """What the written file computes in float, named by layer where the tensor names tell (see inspection)."""
+    names = []
+    for model in (prepared.keras_model, None if rewritten is None else rewritten.model):
+        if model is not None:
+            names += [layer.name for layer in model.layers]
+    return inspection.float_layers(facts, names)
 
 
 def _export(prepared: Prepared, io_dtype: str, log, seconds: dict):
     """The flatbuffer for the prepared state: (bytes, path in words, notes, the rewrite it came from or None)."""
     scheme, keras_model = prepared.scheme, prepared.keras_model
-    notes = []
+    notes = [prepared.loaded.note] if prepared.loaded.note and keras_model is not None else []
     rewritten = None
     t1 = time.perf_counter()
     if keras_model is None:
-        path = "TFLite converter calibration (not a Keras model)"
-        notes.append("the model is a SavedModel without Keras metadata: converted with the TFLite converter's own "
-                     "calibration; qtoolkit's rewriter, range methods and simulation gap are not available")
         import tensorflow as tf
 
-        converter = tf.lite.TFLiteConverter.from_saved_model(prepared.loaded.path)
+        if prepared.loaded.kind == "subclassed":
+            path = "TFLite converter calibration on qtoolkit's samples (subclassed model, not traceable)"
+            notes.append(f"{prepared.loaded.note}: converted with the TFLite converter's own calibration on "
+                         "qtoolkit's calibration samples; qtoolkit's rewriter, range methods and simulation gap "
+                         "are not available")
+            from qtoolkit.loading import input_specs
+
+            # Traced by tf.function (AutoGraph turns Python control flow on tensors into graph ops).
+            converter = export.converter_from_function(prepared.loaded.source_model,
+                                                        input_specs(prepared.loaded.source_model))
+        else:
+            path = "TFLite converter calibration (not a Keras model)"
+            notes.append("the model is a SavedModel without Keras metadata: converted with the TFLite converter's "
+                         "own calibration; qtoolkit's rewriter, range methods and simulation gap are not available")
+            converter = tf.lite.TFLiteConverter.from_saved_model(prepared.loaded.path)
         data = export.converter_ptq_tflite(converter, prepared.representative(), io_dtype=io_dtype,
                                            int16x8=scheme.activations is not None and scheme.activations.bits == 16)
     elif scheme.weight_only:
@@ -188,26 +228,42 @@ def _export(prepared: Prepared, io_dtype: str, log, seconds: dict):
     return data, path, notes, rewritten
 
 
-def _verify(prepared: Prepared, data: bytes, rewritten, labels) -> tuple[dict, dict]:
-    """Float vs TFLite (and vs qtoolkit's simulation) on the prepared verification samples.
+def _verify(prepared: Prepared, data: bytes, rewritten, labels, tasks, metrics) -> tuple[dict, dict, dict]:
+    """Float vs TFLite (and vs qtoolkit's simulation) on the prepared verification samples, every output.
 
-    Returns (name -> verify.Comparison, model -> first output).
+    Returns (name -> verify.Comparison of the first output, model -> first output, output -> comparisons).
     """
     ver = prepared.verification_inputs
     tfl = verify.LiteRTModel(data)
-    tfl_out = _first(tfl.predict(ver))
+    tfl_out = _all(tfl.predict(ver))
     if prepared.reference_outputs is not None:  # a Keras 3 model's own outputs, run once by prepare
-        float_out = prepared.reference_outputs[0]
-    elif prepared.keras_model is not None:
-        float_out = verify.predict_keras(prepared.keras_model, ver)
+        float_out = list(prepared.reference_outputs)
+    elif prepared.loaded.reference_model is not None:
+        float_out = verify.predict_keras(prepared.loaded.reference_model, ver, all_outputs=True)
     else:
-        float_out = _first(verify.LiteRTModel(export.float_tflite_saved_model(prepared.loaded.path)).predict(ver))
-    y = None if labels is None else np.asarray(labels)[:prepared.num_verification]
-    step = tfl.output_step()
-    comparisons = {"float vs TFLite": verify.compare(float_out, tfl_out, y, step)}
-    outputs = {"float": float_out, "tflite": tfl_out}
+        float_out = _all(verify.LiteRTModel(export.float_tflite_saved_model(prepared.loaded.path)).predict(ver))
+    names = prepared.output_names or [f"output_{i}" for i in range(len(tfl_out))]
+    n = prepared.num_verification
+    steps = [tfl.output_step(i) for i in range(len(tfl_out))]
+
+    def measure(a, b):
+        try:
+            y = {name: None if v is None else np.asarray(v)[:n]
+                 for name, v in zip(names, verify.per_output(labels, names, "labels"))}
+            return verify.compare_outputs(a, b, names, y, steps, tasks, metrics)
+        except ValueError as e:  # labels, tasks or metrics that do not fit the outputs
+            raise cal.DataError(f"verification: {e} (see --labels / --output_tasks)") from None
+
+    by_pair = {"float vs TFLite": measure(float_out, tfl_out)}
+    outputs = {"float": float_out[0], "tflite": tfl_out[0]}
     if rewritten is not None:
-        sim_out = outputs["simulated"] = verify.predict_keras(rewritten.model, ver)
-        comparisons["float vs simulated"] = verify.compare(float_out, sim_out, y, step)
-        comparisons["simulated vs TFLite"] = verify.compare(sim_out, tfl_out, y, step)
-    return comparisons, outputs
+        sim_out = verify.predict_keras(rewritten.model, ver, all_outputs=True)[:len(names)]
+        outputs["simulated"] = sim_out[0]
+        by_pair["float vs simulated"] = measure(float_out, sim_out)
+        by_pair["simulated vs TFLite"] = measure(sim_out, tfl_out)
+    per_output = {name: {pair: c[name] for pair, c in by_pair.items()} for name in names}
+    return per_output[names[0]], outputs, per_output
+
+
+def _all(outputs) -> list:
+    return outputs if isinstance(outputs, list) else [outputs]

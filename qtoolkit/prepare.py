@@ -21,6 +21,7 @@ they are streamed through the calibration pass.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable, Optional
 
@@ -75,6 +76,12 @@ class Prepared:
         return self.loaded.keras_model
 
     @property
+    def output_names(self) -> list:
+        """The model's output names in its own order (the flatbuffer's order too); [] if unknown."""
+        model = self.keras_model
+        return list(model.output_names) if model is not None else []
+
+    @property
     def num_verification(self) -> int:
         return int(self.verification_inputs[0].shape[0])
 
@@ -96,7 +103,7 @@ def prepare(model: Any, calibration_data: Any, scheme: Any = "int8", *,
             verification_data: Any = None, range_method: Optional[str] = None, batch_size: int = 32,
             strict: bool = False, progress: bool = True, image_size=None, image_scale=(0.0, 1.0),
             allow_unsafe: bool = False, layerwise: bool = False, log=None, image_mean=None, image_std=None,
-            image_resize: str = "stretch") -> Prepared:
+            image_resize: str = "stretch", custom_objects=None) -> Prepared:
     """Loads, splits the data, rewrites, runs the scheme's algorithms and calibrates (see the module docstring).
 
     Args:
@@ -108,11 +115,12 @@ def prepare(model: Any, calibration_data: Any, scheme: Any = "int8", *,
       verification_data: separate verification inputs instead of held-out calibration data.
       range_method: overrides the scheme's activation range method.
       batch_size: calibration batch size.
-      strict: fail if some layer would stay float.
+      strict: unused here (kept for callers): `pipeline.ptq` fails on float ops of the written file.
       progress: show progress bars.
       image_size, image_scale, image_mean, image_std, image_resize: for image-folder data (see
         `calibrate.open_source`); the preprocessing is described to `log` in one line.
       allow_unsafe: allow loading models with serialized Python code.
+      custom_objects: the user's classes a model file names: a dict, or a .py file defining them (its code runs).
       layerwise: also rewrite and calibrate where the export does not need it (int16x8), so the per-layer
         debugger can measure every layer.
       log: a function that takes progress messages, or None.
@@ -130,11 +138,17 @@ def prepare(model: Any, calibration_data: Any, scheme: Any = "int8", *,
             raise ValueError(f"scheme {scheme.name!r} has no activation quantization; --range_method does not apply")
         scheme = scheme.replace(activations={"method": range_method})
     loaded = model if isinstance(model, LoadedModel) else (
-        load_model(model, allow_unsafe) if isinstance(model, str) else from_memory(model))
+        load_model(model, allow_unsafe, custom_objects) if isinstance(model, (str, os.PathLike))
+        else from_memory(model))
     keras_model = loaded.keras_model
     if keras_model is not None:
         export.check_size_estimate(keras_model, 1.0)  # int8 weights: one byte per parameter
         specs = [(t.name.split(":")[0], tuple(t.shape), t.dtype.as_numpy_dtype) for t in keras_model.inputs]
+    elif loaded.kind == "subclassed":  # not traceable: the converter calibrates it on the same samples
+        from qtoolkit.loading import input_specs
+
+        specs = [(f"input_{i}", tuple(s.shape), s.dtype.as_numpy_dtype)
+                 for i, s in enumerate(input_specs(loaded.source_model))]
     else:
         specs = _saved_model_specs(loaded.path)
     seconds["load"] = time.perf_counter() - t0
@@ -159,7 +173,7 @@ def prepare(model: Any, calibration_data: Any, scheme: Any = "int8", *,
     algorithm_report = {}
     if do_rewrite:
         t1 = time.perf_counter()
-        rewritten = rewrite.rewrite(keras_model, scheme, strict=strict)
+        rewritten = rewrite.rewrite(keras_model, scheme)  # --strict reads the written file (pipeline)
         seconds["rewrite"] = time.perf_counter() - t1
         log(f"calibrating {len(rewritten.quant_points)} activation ranges ({scheme.activations.method}) "
             f"on {n_cal} samples")
@@ -178,7 +192,7 @@ def prepare(model: Any, calibration_data: Any, scheme: Any = "int8", *,
         for _ in source.take(n_cal):  # skip the calibration samples: verify on held-out ones
             pass
     ver = (ver_source or source).collect(n_ver)
-    reference = _check_twin(loaded, ver) if loaded.source_model is not None else None
+    reference = _check_twin(loaded, ver) if loaded.source_model is not None and keras_model is not None else None
     seconds["total"] = time.perf_counter() - t0
     return Prepared(loaded, scheme, specs, n_cal, cal_inputs, ver, rewritten, calibration, algorithm_report,
                     seconds, reference)
@@ -188,9 +202,10 @@ TWIN_TOLERANCE = 1e-3  # relative to the output's range: float rounding of a dif
 
 
 def _check_twin(loaded: LoadedModel, inputs: list) -> list:
-    """The tf_keras twin of a Keras 3 model computes the same outputs on the verification samples.
+    """The model qtoolkit reads (a Keras 3 model's tf_keras twin, a subclassed model's traced graph) computes
+    the user's model's outputs on the verification samples.
 
-    Returns the Keras 3 model's outputs (verification's float reference: not run again)."""
+    Returns the user's model's outputs (verification's float reference: not run again)."""
     from qtoolkit import verify
 
     ours = verify.predict_keras(loaded.keras_model, inputs, all_outputs=True)
@@ -201,9 +216,11 @@ def _check_twin(loaded: LoadedModel, inputs: list) -> list:
         if not error <= TWIN_TOLERANCE:
             from qtoolkit.errors import UnsupportedModelError
 
+            what = ("the tf_keras twin of the Keras 3 model" if loaded.keras_version == "3" and not loaded.note
+                    else "the graph traced from the model's call")
             raise UnsupportedModelError(
-                f"the tf_keras twin of the Keras 3 model differs on output {i} by {error:.2g} of its range "
-                "(a layer behaves differently in the two Keras versions); please report it with the model")
+                f"{what} differs from the model on output {i} by {error:.2g} of its range (a layer behaves "
+                "differently when read this way); please report it with the model")
     return theirs
 
 

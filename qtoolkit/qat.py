@@ -49,8 +49,11 @@ def quantize_model(model, scheme: Any = "int8", *, ema_decay: float = 0.999, cal
     scheme = scheme if isinstance(scheme, QuantScheme) else load_scheme(scheme)
     if scheme.activations is None:
         raise ValueError("quantize_model needs a scheme with activation quantization (not weight_only_int8)")
+    from qtoolkit import loading
     from qtoolkit.rewrite import keras3
 
+    if not loading.is_graph(model):  # a subclassed model: its call traced into a graph of its layers
+        model = loading.trace(model)
     is_keras3 = keras3.is_keras3(model)
     if is_keras3:  # planned and built once, in tf_keras, from the model's twin; handed back as Keras 3 layers
         model = keras3.to_tf_keras(model)

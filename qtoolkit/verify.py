@@ -9,8 +9,16 @@ Every number comes from running the models on the data given; nothing is
 estimated.  Metrics (all on the model's real-valued outputs):
   * SQNR (dB): 10 log10(sum(ref^2) / sum((ref - out)^2)), the paper's measure;
   * max and mean absolute error; cosine similarity;
-  * top-1 agreement (same arg-max), and accuracy of each side when labels are given;
-  * the error in units of the output's quantization step (for the simulation gap).
+  * top-1 agreement (same arg-max over the last axis, at every position: per
+    sample for a classifier, per pixel for segmentation, per anchor for a
+    detection head), and accuracy of each side when labels are given;
+  * the error in units of the output's quantization step (for the simulation gap);
+  * a metric of the user's, per output (`metric=`: a function of reference, candidate, labels).
+
+Each output has a task: "classification" (class scores on the last axis),
+"regression" (values: SQNR and error metrics only) or "auto" (classification
+when the last axis has more than one value).  `compare_outputs` measures every
+output of a model against its own float twin.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -32,10 +40,13 @@ class Comparison:
       sqnr_db: signal-to-quantization-noise ratio in dB (inf when identical).
       max_abs_error, mean_abs_error: absolute output errors.
       cosine: mean cosine similarity of the per-sample output vectors.
-      top1_agreement: fraction of samples with the same arg-max (None for scalars).
-      reference_accuracy, candidate_accuracy: top-1 accuracy with labels, else None.
+      top1_agreement: fraction of positions (samples, pixels, anchors) with the same arg-max over the last
+        axis (None for regression outputs and single values).
+      reference_accuracy, candidate_accuracy: top-1 accuracy with labels (per position), else None.
       max_error_steps: max abs error divided by the output quantization step, if known.
       beyond_one_step: fraction of output values off by more than one step, if known.
+      task: "classification", "regression" or "auto" (see the module docstring).
+      metric_name, reference_metric, candidate_metric: the user's metric on each side, if one was given.
     """
 
     samples: int
@@ -48,6 +59,10 @@ class Comparison:
     candidate_accuracy: Optional[float] = None
     max_error_steps: Optional[float] = None
     beyond_one_step: Optional[float] = None
+    task: str = "auto"
+    metric_name: Optional[str] = None
+    reference_metric: Optional[float] = None
+    candidate_metric: Optional[float] = None
 
     def to_dict(self) -> dict:
         # JSON has no inf/NaN: write them as strings ("inf" for identical outputs).
@@ -74,22 +89,31 @@ def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
-def compare(reference, candidate, labels=None, output_step: Optional[float] = None) -> Comparison:
+TASKS = ("auto", "classification", "regression")
+Metric = Callable[[np.ndarray, Optional[np.ndarray]], float]  # (outputs, labels) -> value, e.g. a mean IoU
+
+
+def compare(reference, candidate, labels=None, output_step: Optional[float] = None, task: str = "auto",
+            metric: Optional[Metric] = None) -> Comparison:
     """Compares two models' outputs on the same samples (samples on axis 0).
 
     Args:
       reference: float outputs, shape (n, ...).
       candidate: quantized outputs, same shape.
-      labels: optional int labels (n,) for top-1 accuracy.
-      output_step: the output tensor's quantization scale, to express the
-        maximum error in steps.
+      labels: optional int labels for accuracy: one per position, shape (n,) for a classifier, (n, H, W)
+        for per-pixel classes (the outputs' shape without the last axis).
+      output_step: the output tensor's quantization scale, to express the maximum error in steps.
+      task: "classification", "regression" or "auto" (classification when the last axis has > 1 value).
+      metric: a function (outputs, labels) -> float, measured on both sides (its __name__ names it).
 
     Returns:
       A Comparison.
 
     Raises:
-      ValueError: if the shapes differ or there are no samples.
+      ValueError: if the shapes differ, there are no samples, the task is unknown or labels do not fit.
     """
+    if task not in TASKS:
+        raise ValueError(f"unknown output task {task!r}; choose one of {', '.join(TASKS)}")
     ref = np.asarray(reference, np.float32)
     out = np.asarray(candidate, np.float32)
     if ref.shape != out.shape:
@@ -103,20 +127,67 @@ def compare(reference, candidate, labels=None, output_step: Optional[float] = No
     cos = np.where(norms > 0, np.sum(flat_r * flat_o, axis=1) / np.maximum(norms, 1e-300),
                    np.all(flat_r == flat_o, axis=1).astype(np.float64))
     top1 = ref_acc = out_acc = None
-    if flat_r.shape[1] > 1:
-        r_cls, o_cls = flat_r.argmax(1), flat_o.argmax(1)
+    classes = ref.shape[-1] if ref.ndim > 1 else 1
+    if task == "classification" and classes < 2:
+        raise ValueError(f"a classification output needs class scores on its last axis; shape {ref.shape}")
+    if task == "classification" or (task == "auto" and classes > 1):
+        r_cls, o_cls = ref.argmax(-1), out.argmax(-1)  # per sample, per pixel, per anchor
         top1 = float(np.mean(r_cls == o_cls))
         if labels is not None:
-            y = np.asarray(labels).reshape(-1)
-            if y.shape[0] != n:
-                raise ValueError(f"{y.shape[0]} labels for {n} samples")
+            y = np.asarray(labels)
+            if y.size != r_cls.size:
+                raise ValueError(f"labels of shape {y.shape} do not fit outputs of shape {ref.shape} "
+                                 f"(one class id per position: {r_cls.shape})")
+            y = y.reshape(r_cls.shape)
             ref_acc, out_acc = float(np.mean(r_cls == y)), float(np.mean(o_cls == y))
+    metric_values = (None, None)
+    if metric is not None:
+        metric_values = (float(metric(ref, labels)), float(metric(out, labels)))
     return Comparison(
         samples=n, sqnr_db=sqnr_db(ref, out), max_abs_error=float(diff.max()),
         mean_abs_error=float(diff.mean()), cosine=float(cos.mean()), top1_agreement=top1,
         reference_accuracy=ref_acc, candidate_accuracy=out_acc,
         max_error_steps=None if not output_step else float(diff.max() / output_step),
-        beyond_one_step=None if not output_step else float(np.mean(diff > output_step * 1.001)))
+        beyond_one_step=None if not output_step else float(np.mean(diff > output_step * 1.001)),
+        task=task, metric_name=None if metric is None else getattr(metric, "__name__", "metric"),
+        reference_metric=metric_values[0], candidate_metric=metric_values[1])
+
+
+def per_output(value, names: Sequence[str], what: str) -> list:
+    """`value` given for a model's outputs -> one entry per output name (None where not given).
+
+    A dict is keyed by output name; a list/tuple has one entry per output; anything else is the first
+    output's (the only one of a single-output model).
+
+    Raises:
+      ValueError: a dict key that names no output, or a list of the wrong length.
+    """
+    if value is None:
+        return [None] * len(names)
+    if isinstance(value, Mapping):
+        unknown = [k for k in value if k not in names]
+        if unknown:
+            raise ValueError(f"{what} for {', '.join(map(repr, unknown))}: the model's outputs are "
+                             f"{', '.join(names)}")
+        return [value.get(k) for k in names]
+    if isinstance(value, (list, tuple)) and len(names) > 1:
+        if len(value) != len(names):
+            raise ValueError(f"{len(value)} {what} for the model's {len(names)} outputs ({', '.join(names)})")
+        return list(value)
+    return [value] + [None] * (len(names) - 1)
+
+
+def compare_outputs(references: Sequence, candidates: Sequence, names: Sequence[str], labels=None,
+                    output_steps: Optional[Sequence] = None, tasks=None, metrics=None) -> dict:
+    """Every output against its own float twin: output name -> Comparison (see `compare`).
+
+    `labels`, `tasks` and `metrics` are given per output as `per_output` reads them.
+    """
+    steps = list(output_steps) if output_steps is not None else [None] * len(names)
+    ys, ts, ms = (per_output(v, names, w) for v, w in ((labels, "labels"), (tasks, "tasks"),
+                                                        (metrics, "metrics")))
+    return {name: compare(r, c, y, s, t or "auto", m)
+            for name, r, c, y, s, t, m in zip(names, references, candidates, ys, steps, ts, ms)}
 
 
 class LiteRTModel:
@@ -227,6 +298,8 @@ _ROWS = (
     ("candidate_accuracy", "candidate accuracy", "{:.2%}"),
     ("max_error_steps", "max error (output steps)", "{:.2f}"),
     ("beyond_one_step", "outputs > 1 step off", "{:.3%}"),
+    ("reference_metric", "reference {metric}", "{:.4g}"),
+    ("candidate_metric", "candidate {metric}", "{:.4g}"),
 )
 
 
@@ -238,7 +311,8 @@ def format_table(comparisons: Mapping[str, Comparison]) -> str:
         values = [getattr(comparisons[n], key) for n in names]
         if all(v is None for v in values):
             continue
-        rows.append([label, *("-" if v is None else fmt.format(v) for v in values)])
+        metric = next((comparisons[n].metric_name for n in names if comparisons[n].metric_name), "metric")
+        rows.append([label.format(metric=metric), *("-" if v is None else fmt.format(v) for v in values)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]

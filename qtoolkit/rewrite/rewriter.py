@@ -103,6 +103,9 @@ def rewrite(model, scheme: QuantScheme, strict: bool = False, qat: bool = False,
     fmodel, probes, names_f, _, _ = build(flat, steps, fused, scheme, quantize=False, model_name=model.name)
     assert names == names_f
     float_model = keras.Model(fmodel.inputs, [*fmodel.outputs, *probes], name=f"{model.name}_float_twin")
+    # The quantized model's output layers are quantizers or op layers ("digit_quant", "tf.reshape"): the
+    # exported file and the callback's logs name the outputs as the user's model does.
+    object.__setattr__(qmodel, "_qtoolkit_output_names", tuple(model.output_names))
     folded = ["+".join([s.node.name, *(a.name for a in s.absorbed)]) + (f" into {s.into}" if s.into else "")
               for s in steps if s.absorbed or s.into]
     return Rewritten(qmodel, float_model, [n for n in names if n not in fixed], fixed, folded, float_names, ties)
