@@ -145,16 +145,18 @@ def _build_affine(ctx: BuildContext, step: Step):
         out = ctx.quant_point(out, node.name + "_scaled")
         out = tf.add(out, b, name=ctx.fresh_name(node.name, "_add"))
     else:
+        shape = x.shape
         if rank != 4:
-            spatial = int(np.prod(x.shape[1:-1])) if rank > 2 else 1
-            x = L.Reshape((1, spatial, channels), name=ctx.fresh_name(node.name, "_to4d"))(x)
+            # Constant shapes with -1 for the batch: one RESHAPE each (see _static_reshape).
+            spatial = int(np.prod(shape[1:-1])) if rank > 2 else 1
+            x = tf.reshape(x, [-1, 1, spatial, channels], name=ctx.fresh_name(node.name, "_to4d"))
         kernel = scale.reshape(1, 1, channels, 1)
         new = ctx.folded_conv("depthwise", kernel, offset, step.activation, node.name,
                               {"strides": (1, 1), "padding": "valid", "dilation_rate": (1, 1)})
         out = new(x)
         load_folded(new, kernel, offset)
         if rank != 4:
-            out = L.Reshape(tuple(ctx.input_of(step).shape[1:]), name=ctx.fresh_name(node.name, "_back"))(out)
+            out = tf.reshape(out, [-1, *(int(d) for d in shape[1:])], name=ctx.fresh_name(node.name, "_back"))
     if step.fixed_range is not None and not ctx.quantize:
         # The quantizer's fixed range clips the fake-quant model; the float twin clips explicitly.
         out = L.ReLU(max_value=step.fixed_range[1], name=ctx.fresh_name(node.name, "_clip"))(out)

@@ -119,9 +119,15 @@ def constant_multiply(node: g.Node) -> Optional[float]:
 
 
 def kernel_and_bias(layer) -> tuple[np.ndarray, np.ndarray]:
-    """A Conv2D / DepthwiseConv2D / Dense layer's kernel and bias (zeros without one)."""
+    """A Conv2D / Conv1D / DepthwiseConv2D / Dense layer's kernel and bias (zeros without one).
+
+    A Conv1D kernel (k, in, out) comes as the (1, k, in, out) kernel of the
+    CONV_2D over rows that runs it (see layers.FoldedConv).
+    """
     depthwise = isinstance(layer, L.DepthwiseConv2D)
     kernel = (layer.depthwise_kernel if depthwise else layer.kernel).numpy()
+    if isinstance(layer, L.Conv1D):
+        kernel = kernel[None]
     units = kernel.shape[2] * kernel.shape[3] if depthwise else kernel.shape[-1]
     return kernel, layer.bias.numpy() if layer.use_bias else np.zeros(units, np.float32)
 
@@ -130,7 +136,7 @@ def fold(layer, absorbed=(), pre_affine: Optional[tuple] = None) -> tuple[np.nda
     """Kernel and bias of a conv/dense layer with the affine maps around it folded in.
 
     Args:
-      layer: a Conv2D / DepthwiseConv2D / Dense layer.
+      layer: a Conv2D / Conv1D / DepthwiseConv2D / Dense layer.
       absorbed: the layers fused after it, in order; its batch norms are folded
         (others, such as a ReLU, do not change the weights).
       pre_affine: (scale, offset) per input channel applied before the layer,

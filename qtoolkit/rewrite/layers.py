@@ -126,8 +126,47 @@ class QuantizeActivation(keras.layers.Layer):
                 "fixed_range": self.fixed_range}
 
 
+def to_rows(x):
+    """(N, T, C) -> (N, 1, T, C): a Conv1D's input as the one-row image CONV_2D reads.
+
+    A constant shape with -1 for the batch is one RESHAPE, which XNNPACK
+    takes; tf_keras' Conv1D expands dims (EXPAND_DIMS, left outside XNNPACK)
+    and Keras' Reshape computes its shape at run time (SHAPE/STRIDED_SLICE/
+    PACK).  An unknown length falls back to expand_dims.
+    """
+    if x.shape[1] is None or x.shape[2] is None:
+        return tf.expand_dims(x, 1)
+    return tf.reshape(x, [-1, 1, int(x.shape[1]), int(x.shape[2])])
+
+
+def from_rows(y):
+    """(N, 1, T, C) -> (N, T, C), the inverse of `to_rows`."""
+    if y.shape[2] is None or y.shape[3] is None:
+        return tf.squeeze(y, 1)
+    return tf.reshape(y, [-1, int(y.shape[2]), int(y.shape[3])])
+
+
+def conv2d_args(kind, kernel_shape, strides, padding, dilation_rate):
+    """(strides, padding, dilations) of tf.nn.conv2d for a conv2d or conv1d FoldedConv.
+
+    A conv1d's kernel is (1, k, in, out) over (N, 1, T, C) rows: its stride and
+    dilation apply along T; 'causal' pads only the start, by dilation * (k - 1)
+    (a PAD before the CONV_2D in TFLite).
+    """
+    if kind != "conv1d":
+        return strides, padding.upper(), dilation_rate
+    if padding == "causal":
+        pad = [[0, 0], [0, 0], [dilation_rate[0] * (kernel_shape[1] - 1), 0], [0, 0]]
+    else:
+        pad = padding.upper()
+    return (1, *strides), pad, (1, *dilation_rate)
+
+
 def conv_op(kind, x, kernel, strides, padding, dilation_rate):
     """The linear op of a FoldedConv kind, as Keras computes it."""
+    if kind == "conv1d":
+        s, p, d = conv2d_args(kind, kernel.shape, strides, padding, dilation_rate)
+        return from_rows(tf.nn.conv2d(to_rows(x), kernel, s, p, dilations=d))
     if kind == "conv2d":
         return tf.nn.conv2d(x, kernel, strides, padding.upper(), dilations=dilation_rate)
     if kind == "depthwise":
@@ -147,25 +186,28 @@ def activate(y, activation: str):
 
 
 class FoldedConv(keras.layers.Layer):
-    """Conv2D / DepthwiseConv2D / Dense with folded batch norm and fused activation.
+    """Conv2D / Conv1D / DepthwiseConv2D / Dense with folded batch norm and fused activation.
 
     The kernel is fake-quantized (per output channel or per tensor) before
-    the op, exactly as the TFLite kernel will hold it.
+    the op, exactly as the TFLite kernel will hold it.  A Conv1D ("conv1d")
+    holds a (1, k, in, out) kernel and runs as a Conv2D over its (N, 1, T, C)
+    rows: one CONV_2D with its activation fused between two RESHAPEs.
 
     Args:
-      kind: "conv2d", "depthwise" or "dense".
+      kind: "conv2d", "conv1d", "depthwise" or "dense".
       kernel_shape: shape of the (folded) kernel.
       units: output channels.
       activation: "linear", "relu" or "relu6".
       weight_quantizer: RangeQuantizer for the kernel, or None for float.
-      strides, padding, dilation_rate: as in Keras (conv kinds only).
+      strides, padding, dilation_rate: as in Keras (conv kinds only; a
+        conv1d's are Conv1D's: (s,), "valid"/"same"/"causal", (d,)).
     """
 
     def __init__(self, kind, kernel_shape, units, activation="linear", weight_quantizer=None,
                  strides=(1, 1), padding="valid", dilation_rate=(1, 1), **kwargs):
         super().__init__(**kwargs)
-        if kind not in ("conv2d", "depthwise", "dense"):
-            raise ValueError(f"kind must be conv2d, depthwise or dense, got {kind!r}")
+        if kind not in ("conv2d", "conv1d", "depthwise", "dense"):
+            raise ValueError(f"kind must be conv2d, conv1d, depthwise or dense, got {kind!r}")
         if activation not in FUSABLE_ACTIVATIONS:
             raise ValueError(f"activation must be one of {FUSABLE_ACTIVATIONS}, got {activation!r}")
         if isinstance(weight_quantizer, dict):
@@ -207,8 +249,14 @@ class FoldedConv(keras.layers.Layer):
         self.weight_quantizer.assign_range(self.kernel_range, lo, hi)
 
     def call(self, inputs, training=None):
-        y = conv_op(self.kind, inputs, self.quantized_kernel(training), self.strides, self.padding,
-                    self.dilation_rate)
+        kernel = self.quantized_kernel(training)
+        if self.kind == "conv1d":
+            # Bias and activation on the rows, so that TFLite fuses them into the CONV_2D;
+            # only constant-shape RESHAPEs around it (see to_rows).
+            s, p, d = conv2d_args(self.kind, self.kernel_shape, self.strides, self.padding, self.dilation_rate)
+            y = tf.nn.conv2d(to_rows(inputs), kernel, s, p, dilations=d)
+            return from_rows(activate(tf.nn.bias_add(y, self.bias), self.activation))
+        y = conv_op(self.kind, inputs, kernel, self.strides, self.padding, self.dilation_rate)
         return activate(tf.nn.bias_add(y, self.bias), self.activation)
 
     def get_config(self):

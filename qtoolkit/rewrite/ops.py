@@ -8,7 +8,7 @@ one table here; `plan.py` turns the tables into steps and `build.py` builds
 each step kind.
 
     from qtoolkit.rewrite import ops
-    ops.conv_kind(layer)          # "conv2d" | "depthwise" | "dense" | None
+    ops.conv_kind(layer)          # "conv2d" | "conv1d" | "depthwise" | "dense" | None
     ops.activation_name(layer)    # "relu", "relu6", "linear", ... or None
     ops.is_same_scale(layer)      # an int8 kernel that keeps its input's scale
 """
@@ -82,14 +82,18 @@ def conv_kind(layer) -> Optional[str]:
       layer: any Keras layer.
 
     Returns:
-      "conv2d" (plain channels-last Conv2D, one group), "depthwise"
-      (channels-last DepthwiseConv2D), "dense" (exactly Dense), else None.
+      "conv2d" (plain channels-last Conv2D, one group), "conv1d" (the same
+      for Conv1D, run as a CONV_2D over rows: see layers.FoldedConv),
+      "depthwise" (channels-last DepthwiseConv2D), "dense" (exactly Dense),
+      else None.
     """
     if isinstance(layer, L.DepthwiseConv2D):
         return "depthwise" if layer.data_format == "channels_last" else None
     if isinstance(layer, L.Conv2D) and not isinstance(layer, L.Conv2DTranspose):
         ok = type(layer) in (L.Conv2D,) and layer.groups == 1 and layer.data_format == "channels_last"
         return "conv2d" if ok else None
+    if type(layer) is L.Conv1D:
+        return "conv1d" if layer.groups == 1 and layer.data_format == "channels_last" else None
     if type(layer) is L.Dense:
         return "dense"
     return None

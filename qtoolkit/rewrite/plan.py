@@ -72,7 +72,7 @@ def _affine_target(step: Step, nxt, single_consumer):
         padded = True
     else:
         padded = False
-    if nxt is None or len(nxt.inputs) != 1 or ops.conv_kind(nxt.layer) not in ("conv2d", "depthwise"):
+    if nxt is None or len(nxt.inputs) != 1 or ops.conv_kind(nxt.layer) not in ("conv2d", "conv1d", "depthwise"):
         return None
     if not zero_offset and (padded or nxt.layer.padding != "valid"):
         return None
