@@ -106,6 +106,8 @@ def in_keras_order(data: bytes, model) -> bytes:
     output lists (and the signature's) are put in the model's order.  Nothing else in the file changes; a
     model whose order already matches is returned as it was.
     """
+    if not getattr(model, "inputs", None) or not getattr(model, "outputs", None):  # subclassed: no graph order
+        return data
     input_names = [t.name.split(":")[0] for t in model.inputs]
     names = output_names(model)
     if len(input_names) < 2 and len(names) < 2:
@@ -210,7 +212,15 @@ def converter_ptq_tflite(model, representative: Callable[[], Iterable], int16x8:
     """
     converter = model if hasattr(model, "convert") else _converter_for(model)  # a converter already
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative
+    names = [t.name.split(":")[0] for t in (getattr(model, "inputs", None) or [])]
+    if len(names) > 1:  # the converter orders inputs its own way: samples keyed by input name
+
+        def keyed():
+            for sample in representative():
+                yield dict(zip(names, sample)) if isinstance(sample, (list, tuple)) else sample
+        converter.representative_dataset = keyed
+    else:
+        converter.representative_dataset = representative
     if int16x8:
         converter.target_spec.supported_ops = [
             tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]

@@ -80,7 +80,7 @@ def from_memory(model, path: str = "<in memory>", kind: str = "keras") -> Loaded
                            note=f"subclassed model {model.name!r} traced into a graph of its own layers (its "
                                 "outputs checked on the verification samples)")
     if keras3.is_keras3(model):
-        return from_memory(model, path, kind)
+        return LoadedModel(path, keras3.to_tf_keras(model), kind, source_model=model)
     return LoadedModel(path, model, kind)
 
 

@@ -6,8 +6,9 @@
 A model saved with a layer class of the user's names that class; Keras can only
 rebuild it with the class in hand.  `--custom_objects FILE.py` (Python:
 `custom_objects={"Name": cls}` or the file's path) imports the user's file and
-takes its `custom_objects` dict if it defines one, else every class defined in
-it.  Importing runs the file's code, which is why it happens only when asked
+takes its `custom_objects` dict if it defines one, else every class in it that
+does not come from Keras, TensorFlow or the standard library (defined there or
+imported from the user's package).  Importing runs the file's code, which is why it happens only when asked
 (as Lambda layers' serialized code runs only with
 `--allow_unsafe_deserialization`).  Without it, a model naming a class Keras
 does not know is refused with one line naming the class and the flag.
@@ -51,8 +52,9 @@ def read(spec: Any) -> dict:
     objects = getattr(module, "custom_objects", None)
     if isinstance(objects, dict):
         return dict(objects)
+    library = ("keras", "tf_keras", "tensorflow", "builtins", "numpy", "typing", "abc", "collections")
     return {key: value for key, value in vars(module).items()
-            if isinstance(value, type) and value.__module__ == name}
+            if isinstance(value, type) and value.__module__.split(".")[0] not in library}
 
 
 def unknown_classes(config, known: dict, keras_module) -> list[str]:
@@ -64,7 +66,8 @@ def unknown_classes(config, known: dict, keras_module) -> list[str]:
         if name in known or short in known:
             return True
         for place in (keras_module.layers, keras_module.models, keras_module.activations,
-                      keras_module.initializers, keras_module.regularizers, keras_module.constraints):
+                      keras_module.initializers, keras_module.regularizers, keras_module.constraints,
+                      keras_module.optimizers, keras_module.losses, keras_module.metrics):
             if hasattr(place, short):
                 return True
         try:

@@ -170,7 +170,7 @@ def per_output(value, names: Sequence[str], what: str) -> list:
             raise ValueError(f"{what} for {', '.join(map(repr, unknown))}: the model's outputs are "
                              f"{', '.join(names)}")
         return [value.get(k) for k in names]
-    if isinstance(value, (list, tuple)) and len(names) > 1:
+    if isinstance(value, (list, tuple)) and (len(names) > 1 or (len(value) == 1 and what != "labels")):
         if len(value) != len(names):
             raise ValueError(f"{len(value)} {what} for the model's {len(names)} outputs ({', '.join(names)})")
         return list(value)
