@@ -58,6 +58,18 @@ class RuntimeGuardError(QtoolkitError, RuntimeError):
     """The quantized model is slower than float or leaves ops outside the delegate (--strict)."""
 
 
+class RuntimeAbortError(QtoolkitError, RuntimeError):
+    """LiteRT crashed (abort, segfault) running a TFLite file; `qtoolkit.contained` kept the process alive.
+
+    Attributes:
+      signal_name: "SIGABRT", "SIGSEGV", ... or None when the child process exited without a signal.
+    """
+
+    def __init__(self, message: str, signal_name: str | None = None):
+        super().__init__(message)
+        self.signal_name = signal_name
+
+
 class DebugError(QtoolkitError, ValueError):
     """The model or scheme cannot be debugged (e.g. weight-only scheme)."""
 
