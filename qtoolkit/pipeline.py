@@ -19,8 +19,8 @@ import numpy as np
 
 from qtoolkit import algorithms
 from qtoolkit import calibrate as cal
-from qtoolkit import export, inspection, verify
-from qtoolkit.errors import UnquantizableLayersError
+from qtoolkit import contained, export, inspection, verify
+from qtoolkit.errors import ExportError, QtoolkitError, UnquantizableLayersError
 from qtoolkit.prepare import Prepared, prepare
 from qtoolkit.schemes import QuantScheme
 
@@ -234,8 +234,8 @@ def _verify(prepared: Prepared, data: bytes, rewritten, labels, tasks, metrics) 
     Returns (name -> verify.Comparison of the first output, model -> first output, output -> comparisons).
     """
     ver = prepared.verification_inputs
-    tfl = verify.LiteRTModel(data)
-    tfl_out = _all(tfl.predict(ver))
+    tfl_out = _all(_run_contained(prepared, data, rewritten))
+    tfl = verify.LiteRTModel(data)  # after the contained run, which showed that LiteRT runs the file
     if prepared.reference_outputs is not None:  # a Keras 3 model's own outputs, run once by prepare
         float_out = list(prepared.reference_outputs)
     elif prepared.loaded.reference_model is not None:
@@ -263,6 +263,27 @@ def _verify(prepared: Prepared, data: bytes, rewritten, labels, tasks, metrics) 
         by_pair["simulated vs TFLite"] = measure(sim_out, tfl_out)
     per_output = {name: {pair: c[name] for pair, c in by_pair.items()} for name in names}
     return per_output[names[0]], outputs, per_output
+
+
+def _run_contained(prepared: Prepared, data: bytes, rewritten):
+    """The file's outputs on the verification samples, run in a child process (`qtoolkit.contained`): a LiteRT
+    abort is one error line saying whether the converter's own file for the scheme aborts too."""
+    ver = prepared.verification_inputs
+
+    def converters_own() -> bytes:  # only built after a crash of qtoolkit's own file
+        cal = prepared.calibration_inputs if prepared.calibration_inputs is not None else ver
+        return export.converter_ptq_tflite(prepared.keras_model, dataclasses.replace(
+            prepared, calibration_inputs=cal).representative())
+
+    try:
+        return contained.predict_explained(data, ver, prepared.scheme.name,
+                                           converters_own if rewritten is not None else None)
+    except RuntimeError as e:  # LiteRT refused the file without crashing (a kernel that lacks a type)
+        if isinstance(e, QtoolkitError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ExportError(f"LiteRT cannot run the {prepared.scheme.name} file: {first}; try another scheme "
+                          "(e.g. int8)") from None
 
 
 def _all(outputs) -> list:

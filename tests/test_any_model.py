@@ -251,3 +251,17 @@ def test_every_shape_fully_int8_at_least_the_converters_sqnr_and_partitions(name
         ref = verify.predict_keras(model, ver, all_outputs=True)[list(ours.per_output).index(out_name)]
         assert reference["float vs TFLite"].sqnr_db >= verify.sqnr_db(ref, theirs_i) - 0.5, out_name
     assert runtime.delegation(ours.tflite).partitions <= runtime.delegation(theirs).partitions
+
+
+def test_a_litert_abort_is_one_error_line_and_the_process_lives():
+    inp = keras.Input((16, 32))
+    x = keras.layers.LayerNormalization(name="ln1")(inp)  # its int16x8 kernels abort in this LiteRT
+    model = keras.Model(inp, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling1D()(x)))
+    x = np.random.default_rng(0).normal(size=(60, 16, 32)).astype(np.float32)
+    try:
+        qtoolkit.ptq(model, x, "int16x8", progress=False)
+    except qtoolkit.QtoolkitError as e:
+        assert "LiteRT aborted (SIGABRT) while running the int16x8 file" in str(e)
+        assert "converter's own file aborts too" in str(e) and "\n" not in str(e)
+    else:
+        pytest.skip("this LiteRT runs LayerNormalization in int16x8: nothing aborts to contain")
