@@ -216,3 +216,40 @@ def test_ptq_contract_holds_on_both_keras_versions(version):
     for key in ("float vs TFLite", "simulated vs TFLite"):
         assert result.comparisons[key].candidate_accuracy == reference.comparisons[key].candidate_accuracy
         assert np.isclose(result.comparisons[key].sqnr_db, reference.comparisons[key].sqnr_db, atol=0.05)
+
+
+KERAS3_LAYER_FILE = '''
+import keras
+
+class ChannelScale(keras.layers.Layer):
+    def build(self, input_shape):
+        self.gamma = self.add_weight(shape=(int(input_shape[-1]),), initializer="ones", name="gamma")
+
+    def call(self, x):
+        return x * self.gamma
+'''
+
+
+def test_keras3_custom_layer_file_needs_custom_objects_then_its_call_is_read_as_a_graph(tmp_path):
+    import sys
+
+    from qtoolkit import user_code
+    from qtoolkit.errors import QtoolkitError
+
+    code = tmp_path / "my_layers.py"
+    code.write_text(KERAS3_LAYER_FILE)
+    scale = user_code.read(str(code))["ChannelScale"](name="scale")
+    inp = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inp)
+    model = keras.Model(inp, keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(scale(x))))
+    scale.gamma.assign(np.linspace(0.5, 2.0, 8).astype(np.float32))
+    path = str(tmp_path / "custom3.keras")
+    model.save(path)
+    for name in [m for m in sys.modules if m.startswith("qtoolkit_user_code_")]:
+        del sys.modules[name]  # as in a fresh process
+    x = np.random.default_rng(0).random((60, 8, 8, 1), np.float32)
+    with pytest.raises(QtoolkitError, match="class ChannelScale .*--custom_objects"):
+        qtoolkit.ptq(path, x, progress=False)
+    r = qtoolkit.ptq(path, x, progress=False, custom_objects=str(code))
+    assert r.inspection.fully_quantized and r.float_layers == ()
+    assert r.comparisons["float vs TFLite"].sqnr_db > 30  # the float column is the Keras 3 model's own output

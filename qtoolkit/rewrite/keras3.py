@@ -26,6 +26,7 @@ import inspect
 import sys
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 import tf_keras
 
@@ -117,7 +118,29 @@ class _Twin:
                 tensors[id(k3)] = x
 
     def _swap(self, value, tensors):
+        if isinstance(value, self.keras.Variable):  # a user layer's weight used by an op: its value, a constant
+            return np.asarray(value)
         return tensors[id(value)] if isinstance(value, self.keras.KerasTensor) else value
+
+    def _expand(self, layer, args, kwargs):
+        """A user's own layer, read as the graph of layers and `keras.ops` its `call` makes on symbolic inputs;
+        its weights enter that graph as constants (the values the file will hold)."""
+        keras = self.keras
+        flat = tf.nest.flatten(args)
+        symbolic = [keras.Input(batch_shape=tuple(a.shape), dtype=a.dtype.name) if tf_keras.backend.is_keras_tensor(a)
+                    else a for a in flat]
+        options = {k: v for k, v in kwargs.items() if k not in ("training", "mask")}
+        try:
+            out = layer.call(*tf.nest.pack_sequence_as(list(args), symbolic), **options)
+        except Exception as e:  # noqa: BLE001  (user code raises anything on symbolic tensors)
+            raise UnsupportedModelError(
+                f"layer {layer.name!r} ({type(layer).__name__}) is your own and its call could not be read as a "
+                f"graph ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); write it with "
+                "built-in layers and keras.ops") from None
+        tensors = {id(s): a for s, a in zip(symbolic, flat) if isinstance(s, keras.KerasTensor)}
+        for t in tf.nest.flatten(out):
+            self._resolve(t, tensors)
+        return tf.nest.pack_sequence_as(out, [tensors[id(t)] for t in tf.nest.flatten(out)])
 
     def _call(self, op, args, kwargs):
         keras = self.keras
@@ -126,6 +149,9 @@ class _Twin:
                 self.models[id(op)] = self.model(op)
             return self.models[id(op)](*args)
         if isinstance(op, keras.layers.Layer):
+            if not hasattr(op, "tf_keras_twin") and (getattr(tf_keras.layers, type(op).__name__, None) is None
+                                                      or not type(op).__module__.startswith("keras.")):
+                return self._expand(op, args, kwargs)
             activation = _HARD.get(op.get_config().get("activation"))
             if isinstance(op, keras.layers.Activation) and activation:
                 return activation(args[0], op.name)
