@@ -52,6 +52,19 @@ def test_two_heads_file_keeps_the_models_order_and_names_and_verifies_each_head(
     assert result.to_dict()["per_output"]["mirror"]["float vs TFLite"]["samples"] == c.samples
 
 
+def test_debugger_measures_every_output(two_heads):
+    from qtoolkit import debug
+
+    model, task = two_heads
+    report = debug.analyze(model, task.x_test, "int8", num_samples=20)
+    sqnr = report.output_sqnr
+    assert {"simulated digit", "simulated mirror", "tflite digit", "tflite mirror"} <= set(sqnr)
+    # The joint SQNR weighs each head by its own power: between the two heads' SQNRs.
+    lo, hi = sorted((sqnr["tflite digit"], sqnr["tflite mirror"]))
+    assert lo <= sqnr["tflite"] <= hi
+    assert {e.name for e in report.layers} >= {"digit", "mirror"}  # each head's layer is ranked
+
+
 def test_segmentation_agreement_is_per_pixel_and_labels_are_per_pixel():
     model, task = shapes.trained("unet")
     n = 60

@@ -33,6 +33,9 @@ def _run_from_flags():
                      image_std=_cli.IMAGE_STD.value, image_resize=_cli.IMAGE_RESIZE.value)
     print(f"output SQNR: simulated {format_db(report.output_sqnr['simulated'])} dB, "
           f"TFLite {format_db(report.output_sqnr.get('tflite'))} dB ({report.samples} held-out samples)")
+    for key, value in report.output_sqnr.items():
+        if " " in key:  # a model with several outputs: each one's
+            print(f"  output {key.split(' ', 1)[1]!r} ({key.split(' ')[0]}): {format_db(value)} dB")
     print(report.table())
     print(f"report: {os.path.join(output, 'index.html')} (also report.md, report.json, PNG plots)")
 

@@ -53,7 +53,8 @@ class Report:
     Attributes:
       layers: LayerError per quantized layer, ranked worst first (sensitivity).
       scheme: the scheme's name; samples: held-out samples measured.
-      output_sqnr: {"simulated": dB, "tflite": dB} of the whole model.
+      output_sqnr: {"simulated": dB, "tflite": dB} of the whole model (several outputs: `joint_sqnr_db`, and
+        "simulated NAME" / "tflite NAME" for each output).
       output: the report folder, or None.
     """
 
@@ -170,6 +171,16 @@ def _upstream(model, quant_names) -> dict:
     return result
 
 
+def joint_sqnr_db(references, candidates) -> float:
+    """The SQNR of several outputs at once, each weighed by its own signal power (a head of large values does
+    not drown a head of small ones): -10 log10(mean over outputs of noise / signal); one output: its SQNR."""
+    if len(references) == 1:
+        return verify.sqnr_db(references[0], candidates[0])
+    ratios = [10.0 ** (-verify.sqnr_db(r, c) / 10.0) for r, c in zip(references, candidates)]
+    mean = float(np.mean(ratios))
+    return math.inf if mean == 0.0 else -10.0 * math.log10(mean)
+
+
 def analyze(model: Any, calibration_data: Any = None, scheme: Any = "int8", output: Optional[str] = None, *,
             num_calibration_samples: Optional[int] = None, num_samples: Optional[int] = None,
             tflite: bool = True, allow_unsafe: bool = False, progress: bool = False, image_size=None,
@@ -198,27 +209,32 @@ def analyze(model: Any, calibration_data: Any = None, scheme: Any = "int8", outp
     quant_names = [u[1] for u in s.units]
     float_all = run_batched(rw.float_model, x)
     n_out = len(rw.model.outputs)
-    ref, probes = float_all[0], dict(zip(rw.quant_points, float_all[n_out:]))
+    refs, probes = float_all[:n_out], dict(zip(rw.quant_points, float_all[n_out:]))
     import tf_keras as keras
 
-    tap = keras.Model(rw.model.inputs, [rw.model.outputs[0]] + [rw.model.get_layer(q).output for q in quant_names])
+    tap = keras.Model(rw.model.inputs, [*rw.model.outputs] + [rw.model.get_layer(q).output for q in quant_names])
     with EnabledQuantizers(rw.model, None):
         cum = run_batched(tap, x)
-    sim_out = cum[0]
-    cum = dict(zip(quant_names, cum[1:]))
+    sim_outs = cum[:n_out]
+    cum = dict(zip(quant_names, cum[n_out:]))
     sens = {}
     for name, q, conv in s.units:
         with EnabledQuantizers(rw.model, {q, conv} - {None}):
-            y = run_batched(rw.model, x)[0]
-        sens[q] = (verify.sqnr_db(ref, y), _mse(ref, y))
+            ys = run_batched(rw.model, x)[:n_out]
+        sens[q] = (joint_sqnr_db(refs, ys), float(np.mean([_mse(r, y) for r, y in zip(refs, ys)])))
     up = _upstream(rw.model, quant_names)
     sim_sqnr = {q: verify.sqnr_db(probes[q], cum[q]) for q in quant_names}
-    output_sqnr = {"simulated": verify.sqnr_db(ref, sim_out)}
+    names = export.output_names(rw.model)
+    output_sqnr = {"simulated": joint_sqnr_db(refs, sim_outs)}
+    if n_out > 1:
+        output_sqnr.update({f"simulated {n}": verify.sqnr_db(r, o) for n, r, o in zip(names, refs, sim_outs)})
     tfl_vals, tfl_names = {}, {}
     if tflite:
         data = export_for_debug(s)
-        tfl_vals, tfl_names, tfl_out = read_tensors(data, x, quant_names, end_quantizers(rw))
-        output_sqnr["tflite"] = verify.sqnr_db(ref, tfl_out)
+        tfl_vals, tfl_names, tfl_outs = read_tensors(data, x, quant_names, end_quantizers(rw))
+        output_sqnr["tflite"] = joint_sqnr_db(refs, tfl_outs)
+        if n_out > 1:
+            output_sqnr.update({f"tflite {n}": verify.sqnr_db(r, o) for n, r, o in zip(names, refs, tfl_outs)})
     tfl_sqnr = {q: verify.sqnr_db(probes[q], v) for q, v in tfl_vals.items() if v.shape == probes[q].shape}
 
     def local(table, q):

@@ -83,7 +83,7 @@ def read_tensors(data: bytes, samples, quant_names, ends: Optional[dict] = None)
 
     Returns:
       (quantizer -> dequantized values of its matched tensor, quantizer -> that tensor's name, the model's
-      first output), for the quantizers that were matched.
+      outputs in its order), for the quantizers that were matched.
     """
     from ai_edge_litert.interpreter import Interpreter
 
@@ -129,11 +129,10 @@ def read_tensors(data: bytes, samples, quant_names, ends: Optional[dict] = None)
         for d, a in zip(inp, samples):
             interp.set_tensor(d["index"], _to_tensor(a[i:i + 1], d))
         interp.invoke()
-        outputs.append(_from_tensor(interp.get_tensor(interp.get_output_details()[0]["index"]),
-                                    interp.get_output_details()[0]))
+        outputs.append([_from_tensor(interp.get_tensor(d["index"]), d) for d in interp.get_output_details()])
         for q, d in match.items():
             t = interp.get_tensor(d["index"])
             scale, zero = d["quantization"]
             values[q].append(t.astype(np.float32) if not scale else (t.astype(np.float32) - zero) * scale)
     return ({q: np.concatenate(v) for q, v in values.items()}, {q: d["name"] for q, d in match.items()},
-            np.concatenate(outputs))
+            [np.concatenate([o[i] for o in outputs]) for i in range(len(outputs[0]))])
