@@ -38,6 +38,11 @@ _VER_DATA = flags.DEFINE_string("verification_data", None,
 _LABELS = flags.DEFINE_string("labels", None, "Integer labels of the verification samples, for accuracy: .npy (the "
                               "first output's), or .npz with one array per output name; per pixel / per anchor "
                               "for segmentation and detection outputs.")
+_METRICS = flags.DEFINE_string(
+    "output_metrics", None, "A metric per output, measured on the float and int8 outputs against --labels: "
+    "name=metric pairs (or one metric for a single-output model), metric one of mean_iou (segmentation), "
+    "mean_abs_error (regression targets), top5_accuracy; e.g. mask=mean_iou. Python: metrics= also takes "
+    "functions.")
 _TASKS = flags.DEFINE_string(
     "output_tasks", None, "What each output is, for its metrics: classification (top-1 agreement over the last axis "
     "at every position: per sample, pixel or anchor), regression (SQNR and errors only) or auto (classification "
@@ -77,26 +82,24 @@ _BENCHMARK = flags.DEFINE_bool("benchmark", False,
 _BENCHMARK_RUNS = flags.DEFINE_integer("benchmark_runs", 100, "Timed invokes per model and thread count.")
 
 
-def _tasks(text, names):
-    """--output_tasks: one task for every output, or name=task pairs -> what verify.compare_outputs reads."""
-    from qtoolkit import verify
-
+def _per_output_choice(text, names, flag, choices):
+    """--output_tasks / --output_metrics: one choice for every output, or name=choice pairs."""
     if not text:
         return None
     if "=" not in text:
-        if text not in verify.TASKS:
-            raise UsageError(f"--output_tasks {text}: choose {', '.join(verify.TASKS)} (or name=task pairs)")
+        if text not in choices:
+            raise UsageError(f"--{flag} {text}: choose {', '.join(choices)} (or name=choice pairs)")
         return text
-    tasks = {}
+    chosen = {}
     for part in text.split(","):
-        name, _, task = part.partition("=")
-        if name.strip() not in names:
-            raise UsageError(f"--output_tasks: no output named {name.strip()!r}; the model's outputs are "
+        name, _, choice = (p.strip() for p in part.partition("="))
+        if name not in names:
+            raise UsageError(f"--{flag}: no output named {name!r}; the model's outputs are "
                              f"{', '.join(names) or 'unknown'}")
-        if task.strip() not in verify.TASKS:
-            raise UsageError(f"--output_tasks {part}: choose {', '.join(verify.TASKS)}")
-        tasks[name.strip()] = task.strip()
-    return tasks
+        if choice not in choices:
+            raise UsageError(f"--{flag} {part}: choose {', '.join(choices)}")
+        chosen[name] = choice
+    return chosen
 
 
 def _pair(text, name, cast):
@@ -112,7 +115,7 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
         range_method=None, io_dtype="int8", batch_size=32, strict=False, image_size=None, image_scale="0,1",
         allow_unsafe=False, out=None, budget_max_accuracy_drop=None, budget_min_sqnr=None, benchmark=False,
         benchmark_runs=100, algorithms=None, image_mean=None, image_std=None, image_resize="stretch",
-        custom_objects=None, output_tasks=None):
+        custom_objects=None, output_tasks=None, output_metrics=None):
     """Runs the conversion (what the command line does); returns the PTQResult.
 
     `algorithms` overrides keys of the scheme's algorithms section, e.g.
@@ -124,7 +127,7 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
     """
     import numpy as np
 
-    from qtoolkit import export, pipeline
+    from qtoolkit import export, pipeline, verify
 
     out = out or sys.stdout
     if report:
@@ -158,7 +161,10 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
         image_scale=_pair(image_scale, "image_scale", float), image_mean=image_mean, image_std=image_std,
         image_resize=image_resize, allow_unsafe=allow_unsafe, custom_objects=custom_objects, log=log)
     result = pipeline.ptq(prepared, labels=y, io_dtype=io_dtype, strict=strict, log=log,
-                          output_tasks=_tasks(output_tasks, prepared.output_names))
+                          output_tasks=_per_output_choice(output_tasks, prepared.output_names, "output_tasks",
+                                                          verify.TASKS),
+                          metrics=_per_output_choice(output_metrics, prepared.output_names, "output_metrics",
+                                                     tuple(verify.METRICS)))
     version = prepared.loaded.keras_version
     if version:
         print(f"model: Keras {version}" + (" (read into its tf_keras twin: same layers and weights, checked on "
@@ -250,7 +256,7 @@ def _run_from_flags():
             budget_max_accuracy_drop=_BUDGET_DROP.value, budget_min_sqnr=_BUDGET_SQNR.value,
             benchmark=_BENCHMARK.value, benchmark_runs=_BENCHMARK_RUNS.value, algorithms=_algorithm_flags(),
             image_mean=_IMAGE_MEAN.value, image_std=_IMAGE_STD.value, image_resize=_IMAGE_RESIZE.value,
-            custom_objects=_cli.CUSTOM_OBJECTS.value, output_tasks=_TASKS.value)
+            custom_objects=_cli.CUSTOM_OBJECTS.value, output_tasks=_TASKS.value, output_metrics=_METRICS.value)
 
 
 def _algorithm_flags() -> dict:

@@ -93,6 +93,48 @@ TASKS = ("auto", "classification", "regression")
 Metric = Callable[[np.ndarray, Optional[np.ndarray]], float]  # (outputs, labels) -> value, e.g. a mean IoU
 
 
+def mean_iou(outputs: np.ndarray, labels: Optional[np.ndarray]) -> float:
+    """Mean intersection over union of the arg-max classes with per-position labels (segmentation)."""
+    if labels is None:
+        raise ValueError("mean_iou needs labels (one class id per position)")
+    predicted, y = outputs.argmax(-1).ravel(), np.asarray(labels).reshape(outputs.shape[:-1]).ravel()
+    ious = []
+    for c in range(outputs.shape[-1]):
+        union = np.sum((predicted == c) | (y == c))
+        if union:
+            ious.append(np.sum((predicted == c) & (y == c)) / union)
+    return float(np.mean(ious)) if ious else 0.0
+
+
+def mean_abs_error(outputs: np.ndarray, labels: Optional[np.ndarray]) -> float:
+    """Mean |output - label| (regression outputs with target values of the output's shape)."""
+    if labels is None:
+        raise ValueError("mean_abs_error needs labels (target values of the output's shape)")
+    return float(np.mean(np.abs(outputs - np.asarray(labels, np.float32).reshape(outputs.shape))))
+
+
+def top5_accuracy(outputs: np.ndarray, labels: Optional[np.ndarray]) -> float:
+    """Fraction of positions whose label is among the five highest scores."""
+    if labels is None:
+        raise ValueError("top5_accuracy needs labels")
+    top = np.argsort(outputs, axis=-1)[..., -5:]
+    y = np.asarray(labels).reshape(outputs.shape[:-1] + (1,))
+    return float(np.mean(np.any(top == y, axis=-1)))
+
+
+# Metrics by name: what `--output_metrics name=metric` chooses from (Python: these names or any function).
+METRICS = {"mean_iou": mean_iou, "mean_abs_error": mean_abs_error, "top5_accuracy": top5_accuracy}
+
+
+def metric_function(metric) -> Optional[Metric]:
+    """A metric given by name (see METRICS) or as a function -> the function; None -> None."""
+    if metric is None or callable(metric):
+        return metric
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)} or pass a function")
+    return METRICS[metric]
+
+
 def compare(reference, candidate, labels=None, output_step: Optional[float] = None, task: str = "auto",
             metric: Optional[Metric] = None) -> Comparison:
     """Compares two models' outputs on the same samples (samples on axis 0).
@@ -104,7 +146,8 @@ def compare(reference, candidate, labels=None, output_step: Optional[float] = No
         for per-pixel classes (the outputs' shape without the last axis).
       output_step: the output tensor's quantization scale, to express the maximum error in steps.
       task: "classification", "regression" or "auto" (classification when the last axis has > 1 value).
-      metric: a function (outputs, labels) -> float, measured on both sides (its __name__ names it).
+      metric: a function (outputs, labels) -> float, or the name of one in METRICS, measured on both sides
+        (its __name__ names it).
 
     Returns:
       A Comparison.
@@ -141,6 +184,7 @@ def compare(reference, candidate, labels=None, output_step: Optional[float] = No
             y = y.reshape(r_cls.shape)
             ref_acc, out_acc = float(np.mean(r_cls == y)), float(np.mean(o_cls == y))
     metric_values = (None, None)
+    metric = metric_function(metric)
     if metric is not None:
         metric_values = (float(metric(ref, labels)), float(metric(out, labels)))
     return Comparison(

@@ -69,8 +69,10 @@ def test_segmentation_agreement_is_per_pixel_and_labels_are_per_pixel():
     model, task = shapes.trained("unet")
     n = 60
     result = qtoolkit.ptq(model, task.x_test[0][:-n], verification_data=task.x_test[0][-n:], progress=False,
-                          labels=task.y_test[0][-n:])
+                          labels=task.y_test[0][-n:], metrics="mean_iou")
     c = result.comparisons["float vs TFLite"]
+    assert c.metric_name == "mean_iou" and 0.3 < c.candidate_metric <= 1
+    assert abs(c.candidate_metric - c.reference_metric) < 0.02
     assert c.task == "auto" and c.top1_agreement > 0.98  # over 60 x 16 x 16 pixels, not 768 classes
     assert 0.5 < c.candidate_accuracy <= 1 and abs(c.candidate_accuracy - c.reference_accuracy) < 0.02
     assert result.inspection.fully_quantized
@@ -175,6 +177,7 @@ def test_custom_layer_file_needs_custom_objects_then_converts(tmp_path, capsys):
 @pytest.mark.parametrize("flags,fragment", [
     (dict(output_tasks="boxes=regression"), "no output named 'boxes'"),
     (dict(output_tasks="segmentation"), "choose auto, classification, regression"),
+    (dict(output_metrics="digit=iou"), "--output_metrics digit=iou: choose mean_iou"),
     (dict(calibration_data="MISSING_META"), "no array named meta"),
 ])
 def test_multi_input_bad_input_is_one_line(two_heads, tmp_path, capsys, flags, fragment):
@@ -278,3 +281,24 @@ def test_a_litert_abort_is_one_error_line_and_the_process_lives():
         assert "converter's own file aborts too" in str(e) and "\n" not in str(e)
     else:
         pytest.skip("this LiteRT runs LayerNormalization in int16x8: nothing aborts to contain")
+
+
+@pytest.mark.parametrize("name", shapes.NAMES)
+def test_misshaped_data_for_each_model_shape_is_one_line(name, tmp_path, capsys):
+    model = shapes.BUILDERS[name]()
+    path = str(tmp_path / f"{name}.keras")
+    model.save(path)
+    if name == "two_heads":
+        data = tmp_path / "cal.npz"
+        np.savez(data, image=np.zeros((20, 16, 16, 1), np.float32), meta=np.zeros((20, 5), np.float32))
+        fragment = "meta"
+    else:
+        data = tmp_path / "cal.npy"
+        np.save(data, np.zeros((20, 7, 3), np.float32))
+        fragment = "shape"
+    with flagsaver.flagsaver(model=path, output=str(tmp_path / "m.tflite"), calibration_data=str(data),
+                             custom_objects=None):
+        assert convert.main(["convert"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+    assert not os.path.exists(tmp_path / "m.tflite")
