@@ -167,3 +167,58 @@ def test_quick_config_passes(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert code == 0, [c["failures"] for c in report["cases"] if not c["passed"]]
     assert all(c["baseline"] is not None for c in report["cases"])  # the baseline file was used
+
+
+SHARDED = """
+baseline: base.json
+entries:
+  - {name: a, model: zoo:resnet_digits, data: digits, schemes: [int8, int8_per_tensor, w4a8]}
+  - {name: b, model: zoo:mobilenet_v1_digits, data: digits, schemes: [int8, int8_per_tensor]}
+"""
+
+
+def _fake_evaluate(case):
+    """Measured numbers without running models: each case's own, so a misplaced result shows."""
+    acc = 0.9 - 0.01 * len(case.id) % 0.07
+    return {"method": "ptq", "float_accuracy": 0.95, "int8_accuracy": acc, "accuracy_drop": 100 * (0.95 - acc),
+            "sqnr_db": float("inf") if case.id == "b/int8" else 30.0 + len(case.id), "simulated_accuracy": acc,
+            "simulation_gap": 0.1}
+
+
+def test_sharded_job_merges_to_the_unsharded_report(tmp_path, monkeypatch, capsys):
+    from qtoolkit.regress import __main__ as cli
+    from absl.testing import flagsaver
+
+    monkeypatch.setattr("qtoolkit.regress.job.evaluate_case", _fake_evaluate)
+    config = _write(tmp_path / "c.yaml", SHARDED)
+    assert regress.run(config, str(tmp_path / "whole"), progress=False, log=None) == 1  # w4a8 drop > 1 point
+    parts = []
+    for i in (1, 2, 3):
+        parts.append(str(tmp_path / f"part{i}"))
+        regress.run(config, parts[-1], progress=False, log=None, shard=f"{i}/3")
+        report = json.loads((tmp_path / f"part{i}" / "report.json").read_text())
+        assert report["shard"] == [i, 3] and [c["position"] for c in report["cases"]] == list(range(i - 1, 5, 3))
+    with flagsaver.flagsaver(merge=",".join(reversed(parts)), output=str(tmp_path / "merged")):
+        assert cli.main(["regress"]) == 1
+
+    def without_times(path):
+        data = json.loads(path.read_text())
+        data.pop("seconds")
+        for c in data["cases"]:
+            c.pop("seconds")
+        return data
+
+    assert without_times(tmp_path / "merged" / "report.json") == without_times(tmp_path / "whole" / "report.json")
+    assert (tmp_path / "merged" / "report.md").read_text() == (tmp_path / "whole" / "report.md").read_text()
+    strip = lambda p: [(tc.get("classname"), tc.get("name"), [f.tag for f in tc])  # noqa: E731
+                       for tc in ET.parse(p).getroot().iter("testcase")]
+    assert strip(tmp_path / "merged" / "report.xml") == strip(tmp_path / "whole" / "report.xml")
+    capsys.readouterr()
+    for flags, fragment in ((dict(merge=",".join(parts[:2])), "missing 3/3"),
+                            (dict(merge=",".join(parts + parts[:1])), "given twice 1/3"),
+                            (dict(merge=str(tmp_path / "whole")), "from a run with --shard"),
+                            (dict(config=config, shard="4/3"), "1 <= i <= n")):
+        with flagsaver.flagsaver(output=str(tmp_path / "x"), **flags):
+            assert cli.main(["regress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], err

@@ -14,6 +14,9 @@ with the LiteRT interpreter on the labeled evaluation samples and checks:
 - `baseline_tolerance`: int8 accuracy may not fall more than this many points below
   the accuracy stored in the baseline file (the last accepted run).
 
+`--shard i/n` runs every n-th case (parallel CI runners) and `--merge DIR1,DIR2,...`
+joins the parts' reports into the whole job's (`regress/shards.py`, docs/regression.md).
+
 It writes `report.json`, `report.md` and JUnit XML `report.xml` into `--output`,
 and exits 1 when a case regresses, naming it and by how much. `--update_baseline`
 stores this run's accuracies as the new baseline (after an accepted change).
@@ -37,7 +40,8 @@ Config keys (all validated; unknown keys are errors):
 #   config.py    Config / Case / ConfigError and `load_config` (every key validated)
 #   evaluate.py  `evaluate_case` (PTQ or QAT, float and int8 TFLite measured) and `check` (thresholds, baseline)
 #   reports.py   `markdown`, `junit`, JSON-ready values and the baseline file
-#   job.py       `run`: every case of a config, the reports and the baseline update
+#   job.py       `run`: every case of a config (or a shard), the reports and the baseline update; `merge`
+#   shards.py    `--shard i/n` case selection and reading the parts for `--merge`
 #   __main__.py  the command line (`main`, `entry_point`)
 
 from qtoolkit import _env  # noqa: F401  (before TensorFlow)
