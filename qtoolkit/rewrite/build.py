@@ -28,6 +28,7 @@ from qtoolkit.rewrite.avgpool import SMALL_MAP_POSITIONS, TIE_FULL_FRACTION, avg
 from qtoolkit.rewrite.context import BuildContext, load_folded
 from qtoolkit.rewrite.fold import affine_params
 from qtoolkit.rewrite.layers import ScaleMap
+from qtoolkit.rewrite.norm import build_layernorm
 from qtoolkit.rewrite.plan import Step
 from qtoolkit.schemes import QuantScheme
 
@@ -132,9 +133,7 @@ def _build_affine(ctx: BuildContext, step: Step):
     node = step.node
     scale, offset = step.affine or affine_params(node.layer)
     x = ctx.input_of(step)
-    rank = x.shape.rank
-    channels = scale.shape[0]
-    if node.inputs[0] in ctx.flat.inputs and channels <= 4 and step.activation in (None, "linear") \
+    if node.inputs[0] in ctx.flat.inputs and scale.shape[0] <= 4 and step.activation in (None, "linear") \
             and step.fixed_range is None:
         # Preprocessing of a few-channel model input (an image): int8 MUL and ADD of constants,
         # as the converter keeps them. A 1x1 depthwise conv over 3 channels fills 3 of XNNPACK's
@@ -145,18 +144,7 @@ def _build_affine(ctx: BuildContext, step: Step):
         out = ctx.quant_point(out, node.name + "_scaled")
         out = tf.add(out, b, name=ctx.fresh_name(node.name, "_add"))
     else:
-        shape = x.shape
-        if rank != 4:
-            # Constant shapes with -1 for the batch: one RESHAPE each (see _static_reshape).
-            spatial = int(np.prod(shape[1:-1])) if rank > 2 else 1
-            x = tf.reshape(x, [-1, 1, spatial, channels], name=ctx.fresh_name(node.name, "_to4d"))
-        kernel = scale.reshape(1, 1, channels, 1)
-        new = ctx.folded_conv("depthwise", kernel, offset, step.activation, node.name,
-                              {"strides": (1, 1), "padding": "valid", "dilation_rate": (1, 1)})
-        out = new(x)
-        load_folded(new, kernel, offset)
-        if rank != 4:
-            out = tf.reshape(out, [-1, *(int(d) for d in shape[1:])], name=ctx.fresh_name(node.name, "_back"))
+        out = ctx.channel_affine(x, scale, offset, node.name, step.activation)
     if step.fixed_range is not None and not ctx.quantize:
         # The quantizer's fixed range clips the fake-quant model; the float twin clips explicitly.
         out = L.ReLU(max_value=step.fixed_range[1], name=ctx.fresh_name(node.name, "_clip"))(out)
@@ -238,6 +226,7 @@ BUILDERS: dict[str, StepBuilder] = {
     "same_scale": StepBuilder(_build_same_scale, INPUT),
     "identity": StepBuilder(_build_identity, INPUT),
     "pre_affine": StepBuilder(_build_passthrough, INPUT),  # folded into the next conv's weights
+    "layernorm": StepBuilder(build_layernorm, OWN),  # int8 ops around L2_NORMALIZATION (norm.py)
     "float": StepBuilder(_build_float, READERS),
 }
 

@@ -15,6 +15,7 @@ import re
 from typing import Optional
 
 import numpy as np
+import tensorflow as tf
 import tf_keras as keras
 
 from qtoolkit.rewrite import graph as g
@@ -80,8 +81,9 @@ class BuildContext:
         self._used_names.add(name)
         return name
 
-    def quant_point(self, tensor, name: str, fixed_range: Optional[tuple] = None):
-        """Puts an activation quantizer on `tensor` (or records the probe in float mode)."""
+    def quant_point(self, tensor, name: str, fixed_range: Optional[tuple] = None, range_factor: float = 1.0):
+        """Puts an activation quantizer on `tensor` (or records the probe in float mode); `range_factor`:
+        see QuantizeActivation."""
         name = self.fresh_name(name, "_quant")
         self.names.append(name)
         if fixed_range is not None:
@@ -94,7 +96,7 @@ class BuildContext:
         if self.qat:
             return QATQuantizeActivation(quantizer, fixed_range=fixed_range, ema_decay=self.ema_decay,
                                          name=name)(tensor)
-        return QuantizeActivation(quantizer, fixed_range=fixed_range, name=name)(tensor)
+        return QuantizeActivation(quantizer, fixed_range=fixed_range, range_factor=range_factor, name=name)(tensor)
 
     def _weight_quantizer(self, channels: int) -> RangeQuantizer:
         wq = self.scheme.weights
@@ -121,6 +123,23 @@ class BuildContext:
         new = QATFoldedConv(kind, kernel.shape, units, act, quantizer, has_bn=bool(bns),
                             name=self.fresh_name(step.node.name), **kwargs, **conv_args)
         return new, weights
+
+    def channel_affine(self, x, scale, offset, name: str, activation: str = "linear"):
+        """x * scale + offset per last-axis channel as one 1x1 depthwise FoldedConv (per-channel int8
+        weights); a tensor of another rank is reshaped to (N, 1, positions, C) and back with constant
+        shapes (one RESHAPE each, which XNNPACK takes)."""
+        shape, rank, channels = x.shape, x.shape.rank, scale.shape[0]
+        if rank != 4:
+            spatial = int(np.prod(shape[1:-1])) if rank > 2 else 1
+            x = tf.reshape(x, [-1, 1, spatial, channels], name=self.fresh_name(name, "_to4d"))
+        kernel = scale.reshape(1, 1, channels, 1)
+        new = self.folded_conv("depthwise", kernel, offset, activation, name,
+                               {"strides": (1, 1), "padding": "valid", "dilation_rate": (1, 1)})
+        out = new(x)
+        load_folded(new, kernel, offset)
+        if rank != 4:
+            out = tf.reshape(out, [-1, *(int(d) for d in shape[1:])], name=self.fresh_name(name, "_back"))
+        return out
 
     def swish(self, x, name: str):
         """x * sigmoid(x), as TFLite runs it: LOGISTIC (fixed output range) then MUL."""

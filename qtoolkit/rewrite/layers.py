@@ -95,14 +95,21 @@ class QuantizeActivation(keras.layers.Layer):
       quantizer: a RangeQuantizer (per-tensor).
       fixed_range: (min, max) for ops whose output range TFLite fixes
         (softmax, logistic, tanh); calibration leaves it alone.
+      range_factor: the range set is the calibrated one times this (get_range
+        returns the calibrated one).  A LayerNormalization's mean shares its
+        input's range times (1 + 1e-4): its scale is then not the input's
+        exactly, so a mean that falls halfway between two codes is not an
+        exact tie, which TensorFlow's fake quant (half up) and TFLite's MEAN
+        (half away from zero) would round apart (see rewrite/norm.py).
     """
 
-    def __init__(self, quantizer=None, fixed_range=None, **kwargs):
+    def __init__(self, quantizer=None, fixed_range=None, range_factor=1.0, **kwargs):
         super().__init__(**kwargs)
         if isinstance(quantizer, dict):
             quantizer = RangeQuantizer.from_config(quantizer)
         self.quantizer = quantizer or RangeQuantizer()
         self.fixed_range = tuple(fixed_range) if fixed_range is not None else None
+        self.range_factor = float(range_factor)
 
     def build(self, input_shape):
         self.range = self.quantizer.build(input_shape, "output", self)
@@ -116,14 +123,18 @@ class QuantizeActivation(keras.layers.Layer):
 
     def set_range(self, lo, hi) -> None:
         if self.fixed_range is None:
-            self.quantizer.assign_range(self.range, lo, hi)
+            lo, hi = q.sanitize_range(lo, hi, self.quantizer.symmetric)
+            self.quantizer.assign_range(self.range, lo * self.range_factor, hi * self.range_factor)
 
     def get_range(self) -> tuple[float, float]:
-        return float(self.range["min"].numpy()), float(self.range["max"].numpy())
+        lo, hi = float(self.range["min"].numpy()), float(self.range["max"].numpy())
+        if self.range_factor == 1.0 or self.fixed_range is not None:
+            return lo, hi
+        return lo / self.range_factor, hi / self.range_factor
 
     def get_config(self):
         return {**super().get_config(), "quantizer": self.quantizer.get_config(),
-                "fixed_range": self.fixed_range}
+                "fixed_range": self.fixed_range, "range_factor": self.range_factor}
 
 
 def to_rows(x):
@@ -144,6 +155,19 @@ def from_rows(y):
     if y.shape[2] is None or y.shape[3] is None:
         return tf.squeeze(y, 1)
     return tf.reshape(y, [-1, int(y.shape[2]), int(y.shape[3])])
+
+
+def dense_rows(x):
+    """(rows, back): x (N, ..., C) as (N*..., C) rows for a FULLY_CONNECTED, and the map back to (N, ..., units).
+
+    Constant shapes with -1 for the batch (one RESHAPE each, see `to_rows`); an unknown inner size
+    falls back to shapes computed at run time.
+    """
+    inner = [int(d) if d is not None else None for d in x.shape[1:-1]]
+    if None in inner or x.shape[-1] is None:
+        dynamic = tf.shape(x)[:-1]
+        return tf.reshape(x, [-1, tf.shape(x)[-1]]), lambda y: tf.reshape(y, tf.concat([dynamic, [-1]], 0))
+    return tf.reshape(x, [-1, int(x.shape[-1])]), lambda y: tf.reshape(y, [-1, *inner, int(y.shape[-1])])
 
 
 def conv2d_args(kind, kernel_shape, strides, padding, dilation_rate):
@@ -256,6 +280,13 @@ class FoldedConv(keras.layers.Layer):
             s, p, d = conv2d_args(self.kind, self.kernel_shape, self.strides, self.padding, self.dilation_rate)
             y = tf.nn.conv2d(to_rows(inputs), kernel, s, p, dilations=d)
             return from_rows(activate(tf.nn.bias_add(y, self.bias), self.activation))
+        if self.kind == "dense" and inputs.shape.rank > 2:
+            # A Dense on tokens (N, T, C): one FULLY_CONNECTED over (N*T, C) rows with its bias and
+            # activation fused, between constant-shape RESHAPEs (a tensordot leaves the bias ADD after
+            # a RESHAPE, in float: it has no quantizer of its own).
+            rows, back = dense_rows(inputs)
+            y = activate(tf.nn.bias_add(tf.matmul(rows, kernel), self.bias), self.activation)
+            return back(y)
         y = conv_op(self.kind, inputs, kernel, self.strides, self.padding, self.dilation_rate)
         return activate(tf.nn.bias_add(y, self.bias), self.activation)
 

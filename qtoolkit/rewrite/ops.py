@@ -129,3 +129,13 @@ def is_quantized(layer, act: Optional[str]) -> bool:
     """
     return isinstance(layer, QUANTIZED) or act in QUANTIZED_ACTIVATIONS \
         or getattr(layer, "symbol", None) in QUANTIZED_TF_OPS
+
+
+def lowers_layernorm(layer) -> bool:
+    """A LayerNormalization over the last axis only, of a known width: lowered to int8 ops (norm.py)."""
+    if type(layer) is not L.LayerNormalization or isinstance(layer.input_shape, list):
+        return False
+    shape = layer.input_shape
+    axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    rank = len(shape)
+    return rank >= 2 and len(axes) == 1 and axes[0] % rank == rank - 1 and shape[-1] is not None
