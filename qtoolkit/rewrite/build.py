@@ -27,6 +27,7 @@ from qtoolkit.rewrite import ops
 from qtoolkit.rewrite.avgpool import SMALL_MAP_POSITIONS, TIE_FULL_FRACTION, avgpool_correction, avgpool_matrix
 from qtoolkit.rewrite.context import BuildContext, load_folded
 from qtoolkit.rewrite.fold import affine_params
+from qtoolkit.rewrite.attention import build_attention
 from qtoolkit.rewrite.layers import ScaleMap
 from qtoolkit.rewrite.norm import build_layernorm
 from qtoolkit.rewrite.plan import Step
@@ -227,6 +228,7 @@ BUILDERS: dict[str, StepBuilder] = {
     "identity": StepBuilder(_build_identity, INPUT),
     "pre_affine": StepBuilder(_build_passthrough, INPUT),  # folded into the next conv's weights
     "layernorm": StepBuilder(build_layernorm, OWN),  # int8 ops around L2_NORMALIZATION (norm.py)
+    "attention": StepBuilder(build_attention, OWN),  # FULLY_CONNECTED, BATCH_MATMUL, SOFTMAX (attention.py)
     "float": StepBuilder(_build_float, READERS),
 }
 

@@ -139,3 +139,24 @@ def lowers_layernorm(layer) -> bool:
     axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
     rank = len(shape)
     return rank >= 2 and len(axes) == 1 and axes[0] % rank == rank - 1 and shape[-1] is not None
+
+
+# The einsum equations of tf_keras' MultiHeadAttention over axis 1 of rank-3 inputs (attention.py).
+ATTENTION_EQUATIONS = ("abc,cde->abde", "abcd,cde->abe", "aecd,abcd->acbe", "acbe,aecd->abcd")
+
+
+def lowers_attention(node) -> bool:
+    """A MultiHeadAttention call lowered to int8 ops (attention.py): rank-3 inputs of known sizes,
+    attention over axis 1, no mask and no returned scores."""
+    layer = node.layer
+    if type(layer) is not L.MultiHeadAttention or len(node.outputs) != 1:
+        return False
+    kwargs = node.kwargs
+    if kwargs.get("attention_mask") is not None or kwargs.get("use_causal_mask") \
+            or kwargs.get("return_attention_scores") or len(node.args) > 3:
+        return False
+    dense = [layer._query_dense, layer._key_dense, layer._value_dense, layer._output_dense]
+    equations = (dense[0].equation, dense[3].equation, layer._dot_product_equation, layer._combine_equation)
+    shapes = [getattr(layer, f"_{n}_shape", None) for n in ("query", "key", "value")]
+    return equations == ATTENTION_EQUATIONS and all(d.equation == ATTENTION_EQUATIONS[0] for d in dense[:3]) \
+        and all(s is not None and len(s) == 3 and None not in tuple(s)[1:] for s in shapes)

@@ -166,6 +166,8 @@ def plan(graph: g.Graph, scheme: QuantScheme, fold_affine: bool = True) -> list[
             steps.append(step)
         elif fixed_8bit and ops.lowers_layernorm(layer):
             steps.append(Step("layernorm", node))
+        elif fixed_8bit and ops.lowers_attention(node):
+            steps.append(Step("attention", node))
         elif fixed_8bit and avgpool_as_depthwise(layer):
             steps.append(Step("avgpool", node))
         elif isinstance(layer, ops.IDENTITY) or ops.activation_name(layer) == "linear":
