@@ -208,3 +208,27 @@ def test_vit_block_is_fully_integer_and_far_above_the_converter(trained_vit):
     # One-step flips at near-ties (BATCH_MATMUL, SOFTMAX, the affine after L2_NORMALIZATION) reach the logits
     # as at most 2 steps.
     assert r.comparisons["simulated vs TFLite"].max_error_steps <= 2.0 + 1e-3
+
+
+def test_a_wide_layernorm_takes_the_rsqrt_form_in_int8(monkeypatch):
+    from qtoolkit.rewrite import ops
+
+    monkeypatch.setattr(ops, "LAYERNORM_L2_MAX_CHANNELS", 16)  # the 24-wide model takes the wide form
+    model = _layernorm_model()
+    result = rewrite.rewrite(model, INT8)
+    x = _tokens()
+    twin = result.float_model.predict(x[:16], verbose=0)[0]
+    np.testing.assert_allclose(twin, model.predict(x[:16], verbose=0), atol=TWIN_ATOL, rtol=1e-4)
+    r = qtoolkit.ptq(model, x, "int8", progress=False)
+    assert r.inspection.float_ops == []
+    ops_ = _ops(r.tflite)
+    assert "RSQRT" in ops_ and "L2_NORMALIZATION" not in ops_, ops_
+    assert r.comparisons["simulated vs TFLite"].max_error_steps <= 2.0 + 1e-3
+
+
+def test_qat_trains_layernorm_and_attention_as_layers():
+    model = vit_block()
+    result = rewrite.rewrite(model, INT8, qat=True)
+    assert {"ln1", "mha", "ln2", "ln3"} <= set(result.float_layers)
+    inside = ("_mean_quant", "_centered_quant", "_query_quant", "_scores_quant", "_context_quant")
+    assert not any(n.endswith(inside) for n in result.quant_points + result.fixed_points)

@@ -67,8 +67,6 @@ def build_attention(ctx: BuildContext, step: Step):
     """The MultiHeadAttention of `step` as int8 ops (see the module docstring); the output's own
     quantizer is placed by the caller."""
     node, layer = step.node, step.node.layer
-    if ctx.qat:
-        return g.call(node, ctx.tensors)  # trained as it is
     name = node.name
     query, value, key = _inputs(node, ctx.tensors)
     heads, key_dim = layer._num_heads, layer._key_dim

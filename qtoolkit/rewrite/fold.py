@@ -162,3 +162,15 @@ def fold(layer, absorbed=(), pre_affine: Optional[tuple] = None) -> tuple[np.nda
                 kernel = kernel * scale
             bias = bias * scale + offset
     return kernel.astype(np.float32), bias.astype(np.float32)
+
+
+def layernorm_affine(layer, normalized_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(gamma * normalized_scale, beta) of a LayerNormalization (gamma 1 / beta 0 when it does not scale / center).
+
+    The L2_NORMALIZATION form of the lowering (norm.py) computes (x - mean) / sqrt(C (var + eps)): its
+    affine is gamma * sqrt(C) (normalized_scale = sqrt(C)) and beta.
+    """
+    channels = int(layer.input_shape[-1])
+    gamma = layer.gamma.numpy() if layer.scale else np.ones(channels, np.float32)
+    beta = layer.beta.numpy() if layer.center else np.zeros(channels, np.float32)
+    return (gamma * normalized_scale).astype(np.float32), beta.astype(np.float32)

@@ -131,6 +131,19 @@ def is_quantized(layer, act: Optional[str]) -> bool:
         or getattr(layer, "symbol", None) in QUANTIZED_TF_OPS
 
 
+# L2_NORMALIZATION's int8 output: scale 1/128, zero point 0 (TFLite requires it).
+L2_NORMALIZATION_RANGE = (-1.0, 127 / 128)
+# The widest normalized axis a LayerNormalization is lowered with L2_NORMALIZATION; wider ones with RSQRT
+# (norm.py). Measured output SQNR, L2 vs RSQRT form: 24.2 vs 13.8 dB at C = 32, 22.1 vs 19.7 at 512,
+# 21.4 vs 21.2 at 768, 21.2 vs 21.3 at 1024, 18.9 vs 22.7 at 2048 (docs/design.md).
+LAYERNORM_L2_MAX_CHANNELS = 768
+
+
+def layernorm_form(channels: int) -> str:
+    """"l2" or "rsqrt": how a LayerNormalization over `channels` is lowered (see norm.py)."""
+    return "l2" if channels <= LAYERNORM_L2_MAX_CHANNELS else "rsqrt"
+
+
 def lowers_layernorm(layer) -> bool:
     """A LayerNormalization over the last axis only, of a known width: lowered to int8 ops (norm.py)."""
     if type(layer) is not L.LayerNormalization or isinstance(layer.input_shape, list):

@@ -89,7 +89,9 @@ def plan(graph: g.Graph, scheme: QuantScheme, fold_affine: bool = True) -> list[
       scheme: the quantization scheme (8-bit activations enable TFLite's
         fixed ranges, swish as LOGISTIC+MUL and average pooling as a conv).
       fold_affine: fold an affine layer on a model input into the conv after
-        it (off for QAT, whose convs train their unfolded kernel).
+        it (off for QAT, whose convs train their unfolded kernel); off, a
+        LayerNormalization or MultiHeadAttention is also kept as it is (QAT
+        trains the layer, not its int8 lowering).
 
     Returns:
       The steps in graph order; absorbed nodes have no step of their own.
@@ -164,9 +166,9 @@ def plan(graph: g.Graph, scheme: QuantScheme, fold_affine: bool = True) -> list[
                     step.fixed_range = (0.0, 6.0 * factor)
                     absorb(step, after)
             steps.append(step)
-        elif fixed_8bit and ops.lowers_layernorm(layer):
-            steps.append(Step("layernorm", node))
-        elif fixed_8bit and ops.lowers_attention(node):
+        elif fixed_8bit and fold_affine and ops.lowers_layernorm(layer):
+            steps.append(Step("layernorm", node))  # QAT (fold_affine off) trains the layer as it is
+        elif fixed_8bit and fold_affine and ops.lowers_attention(node):
             steps.append(Step("attention", node))
         elif fixed_8bit and avgpool_as_depthwise(layer):
             steps.append(Step("avgpool", node))
