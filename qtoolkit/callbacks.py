@@ -17,6 +17,13 @@ output steps) into the epoch logs, where TensorBoard, EarlyStopping and
 ModelCheckpoint (placed after this callback) see them.  Multi-output models
 get these per output, segmentation and detection heads per pixel / anchor,
 and a user's metric per output (see QuantizationCallback).
+
+Resumable and multi-worker (docs/distributed.md): the schedule's step is the
+optimizer's `iterations`, so a run restored by BackupAndRestore or
+ModelCheckpoint goes on with the schedule where it was; the best score is
+kept beside `best_path` (`best_path + ".json"`) and read back when a
+restored run starts. Under MultiWorkerMirroredStrategy every worker measures
+(the logs agree, so EarlyStopping stops all or none) and only the chief writes.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import Optional
 import numpy as np
 import tf_keras as keras
 
-from qtoolkit.qat import export_tflite, set_schedule
+from qtoolkit.qat import export_tflite, is_chief, set_schedule
 
 
 class QuantizationCallback(keras.callbacks.Callback):
@@ -36,12 +43,14 @@ class QuantizationCallback(keras.callbacks.Callback):
       validation_data: (x, y) or None (no int8 evaluation).  `x`: an array, or one per model input; `y`: labels
         of the first output, or one per output (a list, or a dict keyed by output name; None for an output
         without labels), per position for per-pixel or per-anchor outputs.
-      quant_delay: training steps before fake quant is applied.
+      quant_delay: training steps before fake quant is applied. Steps are the optimizer's `iterations` (restored
+        with the model: a resumed run does not replay the schedule).
       bn_freeze_step: step at which batch-norm statistics freeze (None: never).
       range_freeze_step: step at which activation ranges freeze (None: never).
       export_every: evaluate the int8 model every this many epochs.
       best_path: keep the best int8 model (by val_int8_accuracy, else the user's metric) here; without either,
-        the latest.
+        the latest. Its score goes to `best_path + ".json"`, read back when a restored run (optimizer step > 0)
+        starts, so that a restart keeps the best-so-far. Only the chief (`qat.is_chief`) writes.
       io_dtype: exported model inputs/outputs.
       output_tasks: "classification", "regression" or "auto", for all outputs or per output (see verify).
       metrics: a function (outputs, labels) -> float (higher is better), or one per output: logged as
@@ -63,26 +72,78 @@ class QuantizationCallback(keras.callbacks.Callback):
         self.quant_delay, self.bn_freeze_step, self.range_freeze_step = quant_delay, bn_freeze_step, range_freeze_step
         self.export_every, self.best_path, self.io_dtype, self.verbose = export_every, best_path, io_dtype, verbose
         self.output_tasks, self.metrics = output_tasks, metrics
-        self.step = 0
+        self.step = 0  # training steps done: the optimizer's iterations (restored with it), read each batch
         self.best = -np.inf
         self.history: list[dict] = []
         self._said: set = set()
+        self._applied = None  # the schedule flags last set
+        self._offset = 0  # steps before this optimizer's first (a model compiled again in this process)
+        self._synced = False  # step and best-so-far read back in this fit (after BackupAndRestore restored)
 
-    def _apply_schedule(self):
-        set_schedule(self.model,
-                     quant_active=self.step >= self.quant_delay,
-                     bn_frozen=self.bn_freeze_step is not None and self.step >= self.bn_freeze_step,
-                     ranges_frozen=self.range_freeze_step is not None and self.step >= self.range_freeze_step)
+    # -- the schedule, from the optimizer's step ------------------------------------------------
+    def _optimizer_step(self) -> Optional[int]:
+        """The optimizer's `iterations` (steps applied, checkpointed with the model), or None."""
+        iterations = getattr(getattr(self.model, "optimizer", None), "iterations", None)
+        if iterations is None:
+            return None
+        try:
+            return int(iterations.numpy() if hasattr(iterations, "numpy") else np.asarray(iterations))
+        except Exception:  # noqa: BLE001  (an optimizer whose counter cannot be read: count batches here)
+            return None
+
+    def _apply_schedule(self, force: bool = False):
+        flags = (self.step >= self.quant_delay,
+                 self.bn_freeze_step is not None and self.step >= self.bn_freeze_step,
+                 self.range_freeze_step is not None and self.step >= self.range_freeze_step)
+        if force or flags != self._applied:
+            set_schedule(self.model, quant_active=flags[0], bn_frozen=flags[1], ranges_frozen=flags[2])
+            self._applied = flags
+
+    def _sync(self):
+        """Step from the optimizer, schedule applied; on a resumed run (step > 0), the best-so-far read back."""
+        step = self._optimizer_step()
+        if step == 0 and self.step > 0:  # a new optimizer after steps this callback counted: the schedule goes on
+            self._offset = self.step
+        elif step is not None:  # the optimizer's own (a restored run's included)
+            self._offset, self.step = 0, step
+        self._apply_schedule(force=True)
+        if self.step > 0 and self.best == -np.inf:
+            self.best = self._read_best()
+
+    def _state_path(self) -> Optional[str]:
+        return f"{self.best_path}.json" if self.best_path else None
+
+    def _read_best(self) -> float:
+        """The best score of `best_path` (its .json beside it), written by an earlier, interrupted run."""
+        import json
+        import os
+
+        path = self._state_path()
+        if not path or not os.path.exists(path) or not os.path.exists(self.best_path):
+            return -np.inf
+        try:
+            with open(path) as f:
+                best = json.load(f).get("best")
+        except (OSError, ValueError, AttributeError):
+            return -np.inf
+        return -np.inf if best is None else float(best)
 
     def on_train_begin(self, logs=None):
-        self._apply_schedule()
+        self._synced = False
+        self._sync()  # BackupAndRestore may restore after this (callbacks run in order): again at the first batch
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self.step in (self.quant_delay, self.bn_freeze_step, self.range_freeze_step):
-            self._apply_schedule()
+        if not self._synced:
+            self._synced = True
+            self._sync()
+            return
+        step = self._optimizer_step()
+        if step is not None:
+            self.step = step + self._offset
+        self._apply_schedule()
 
     def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
+        self.step += 1  # the optimizer's count replaces it at the next batch (steps_per_execution: several)
 
     def _say_once(self, key: str, message: str) -> None:
         if key not in self._said:
@@ -115,7 +176,13 @@ class QuantizationCallback(keras.callbacks.Callback):
              and not k.endswith("_sim_gap") and not k.endswith("_accuracy")), None)
         if self.best_path and (score is None or score > self.best):
             self.best = -np.inf if score is None else score
-            export.write_atomic(self.best_path, data)
+            # Every worker measures (the logs must agree: EarlyStopping stops all or none); the chief writes.
+            if is_chief(self.model):
+                import json
+
+                export.write_atomic(self.best_path, data)
+                state = {"best": None if score is None else float(score), "epoch": epoch, "step": self.step}
+                export.write_atomic(self._state_path(), json.dumps(state).encode())
 
     def _measure(self, names, keras_out, int8_out, y, steps) -> dict:
         """The epoch's logs: per output accuracy, user metric and simulation gap (what can be computed)."""

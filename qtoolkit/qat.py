@@ -164,6 +164,24 @@ def set_schedule(model, *, quant_active: Optional[bool] = None, bn_frozen: Optio
                 var.assign(value)
 
 
+def is_chief(model=None) -> bool:
+    """Whether this process writes files (the chief, or worker 0 when no chief is named).
+
+    `model`'s distribution strategy (tf_keras or Keras 3), else the current one: under
+    MultiWorkerMirroredStrategy only the chief answers True; on one machine (default strategy,
+    MirroredStrategy, TPUStrategy) the one process does.
+
+        qtoolkit.export_tflite(qat_model, "model_int8.tflite" if qtoolkit.qat.is_chief(qat_model) else None)
+    """
+    import tensorflow as tf
+
+    strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+    try:
+        return bool(strategy.extended.should_checkpoint)
+    except NotImplementedError:  # a strategy without the notion (its one process writes)
+        return True
+
+
 def custom_objects() -> dict:
     from qtoolkit.rewrite import custom_objects as _co
 
