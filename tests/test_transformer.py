@@ -233,3 +233,16 @@ def test_qat_trains_layernorm_and_attention_as_layers():
     assert {"ln1", "mha", "ln2", "ln3"} <= set(result.float_layers)
     inside = ("_mean_quant", "_centered_quant", "_query_quant", "_scores_quant", "_context_quant")
     assert not any(n.endswith(inside) for n in result.quant_points + result.fixed_points)
+
+
+@pytest.mark.parametrize("shape", [(24,), (4, 4, 24)])
+def test_layernorm_of_vectors_and_feature_maps_is_int8(shape):
+    keras.utils.set_random_seed(0)
+    inp = keras.Input(shape)
+    model = keras.Model(inp, L.LayerNormalization(name="ln")(inp))
+    x = np.random.default_rng(0).normal(size=(200, *shape)).astype(np.float32)
+    twin = rewrite.rewrite(model, INT8).float_model.predict(x[:8], verbose=0)[0]
+    np.testing.assert_allclose(twin, model.predict(x[:8], verbose=0), atol=TWIN_ATOL, rtol=1e-4)
+    r = qtoolkit.ptq(model, x, "int8", progress=False)
+    assert r.inspection.float_ops == [] and "L2_NORMALIZATION" in _ops(r.tflite)
+    assert r.comparisons["simulated vs TFLite"].max_error_steps <= SIMULATION_GAP_STEPS
