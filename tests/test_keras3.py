@@ -253,3 +253,14 @@ def test_keras3_custom_layer_file_needs_custom_objects_then_its_call_is_read_as_
     r = qtoolkit.ptq(path, x, progress=False, custom_objects=str(code))
     assert r.inspection.fully_quantized and r.float_layers == ()
     assert r.comparisons["float vs TFLite"].sqnr_db > 30  # the float column is the Keras 3 model's own output
+
+
+def test_keras3_transformer_block_is_fully_integer():
+    inp = keras.Input((16, 32))
+    x = keras.layers.LayerNormalization()(inp)
+    x = keras.layers.Add()([inp, keras.layers.MultiHeadAttention(2, 16)(x, x)])
+    model = keras.Model(inp, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling1D()(x)))
+    x = np.random.default_rng(0).normal(size=(100, 16, 32)).astype(np.float32)
+    r = qtoolkit.ptq(model, x, progress=False)
+    assert r.inspection.fully_quantized and r.float_layers == ()
+    assert r.comparisons["float vs TFLite"].sqnr_db > 25

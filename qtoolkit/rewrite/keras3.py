@@ -237,6 +237,9 @@ def _config(layer, cls) -> dict:
                     f"layer {layer.name!r} ({type(layer).__name__}): the Keras 3 option {key}={config[key]!r} has "
                     "no tf_keras equivalent; qtoolkit cannot convert it")
             del config[key]
+    if cls is tf_keras.layers.MultiHeadAttention:  # tf_keras' from_config reads these keys (built later)
+        for key in ("query_shape", "key_shape", "value_shape"):
+            config.setdefault(key, None)
     if config.get("activation") in _HARD:  # applied after the layer, as TensorFlow ops (see _HARD)
         config["activation"] = "linear"
     if isinstance(config.get("activation"), dict):
