@@ -31,6 +31,7 @@ from qtoolkit.rewrite.attention import build_attention
 from qtoolkit.rewrite.layers import ScaleMap
 from qtoolkit.rewrite.norm import build_layernorm
 from qtoolkit.rewrite.plan import Step
+from qtoolkit.rewrite.recurrent import build_recurrent
 from qtoolkit.schemes import QuantScheme
 
 L = keras.layers
@@ -229,6 +230,7 @@ BUILDERS: dict[str, StepBuilder] = {
     "pre_affine": StepBuilder(_build_passthrough, INPUT),  # folded into the next conv's weights
     "layernorm": StepBuilder(build_layernorm, OWN),  # int8 ops around L2_NORMALIZATION (norm.py)
     "attention": StepBuilder(build_attention, OWN),  # FULLY_CONNECTED, BATCH_MATMUL, SOFTMAX (attention.py)
+    "recurrent": StepBuilder(build_recurrent, OWN),  # LSTM/GRU unrolled into int8 cell ops (recurrent.py)
     "float": StepBuilder(_build_float, READERS),
 }
 

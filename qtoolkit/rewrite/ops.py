@@ -29,7 +29,8 @@ SAME_SCALE_TF_OPS = ("reshape", "compat.v1.transpose", "transpose", "compat.v1.s
 # Quantized ops that get their own output range.
 QUANTIZED = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum, L.Concatenate,
              L.GlobalAveragePooling2D, L.GlobalAveragePooling1D,
-             L.ReLU, L.LeakyReLU, L.Rescaling, L.Normalization, L.PReLU, L.ELU)
+             L.ReLU, L.LeakyReLU, L.Rescaling, L.Normalization, L.PReLU, L.ELU,
+             L.Embedding)  # GATHER: the converter quantizes the table per tensor on its output's grid
 QUANTIZED_TF_OPS = ("__operators__.add", "math.add", "math.subtract", "math.multiply", "math.truediv",
                     "nn.relu", "nn.relu6", "math.sigmoid", "nn.silu", "nn.swish", "math.tanh", "concat",
                     "math.reduce_mean", "nn.avg_pool2d", "math.maximum", "math.minimum")
@@ -173,3 +174,28 @@ def lowers_attention(node) -> bool:
     shapes = [getattr(layer, f"_{n}_shape", None) for n in ("query", "key", "value")]
     return equations == ATTENTION_EQUATIONS and all(d.equation == ATTENTION_EQUATIONS[0] for d in dense[:3]) \
         and all(s is not None and len(s) == 3 and None not in tuple(s)[1:] for s in shapes)
+
+
+def recurrent_problem(node) -> Optional[str]:
+    """Why an LSTM/GRU call cannot be lowered to int8 ops (recurrent.py), or None when it can."""
+    layer = node.layer
+    shape = layer.input_shape
+    if isinstance(shape, list) or len(node.inputs) != 1 or node.kwargs.get("mask") is not None \
+            or node.kwargs.get("initial_state") is not None or len(node.args) > 1:
+        return "it takes an initial state or a mask"
+    if shape[1] is None or shape[-1] is None:
+        return "its number of time steps is not static (the steps are unrolled)"
+    if layer.stateful or layer.go_backwards or layer.return_state:
+        return "it is stateful, runs backwards or returns its state"
+    cell = layer.cell
+    if getattr(cell.activation, "__name__", "") != "tanh" or \
+            getattr(cell.recurrent_activation, "__name__", "") != "sigmoid":
+        return "its activations are not tanh and sigmoid"
+    if type(layer) is L.GRU and not cell.reset_after:
+        return "it is a GRU with reset_after=False"
+    return None
+
+
+def is_recurrent(layer) -> bool:
+    """A tf_keras LSTM or GRU layer (lowered by recurrent.py when `recurrent_problem` is None)."""
+    return type(layer) in (L.LSTM, L.GRU)

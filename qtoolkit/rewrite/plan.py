@@ -170,6 +170,12 @@ def plan(graph: g.Graph, scheme: QuantScheme, fold_affine: bool = True) -> list[
             steps.append(Step("layernorm", node))  # QAT (fold_affine off) trains the layer as it is
         elif fixed_8bit and fold_affine and ops.lowers_attention(node):
             steps.append(Step("attention", node))
+        elif fixed_8bit and fold_affine and ops.is_recurrent(layer):
+            problem = ops.recurrent_problem(node)
+            if problem is not None:
+                raise ValueError(f"layer {node.name} ({type(layer).__name__}) cannot be quantized: {problem}; "
+                                 "qtoolkit lowers LSTM/GRU by unrolling their static time steps into int8 ops")
+            steps.append(Step("recurrent", node))  # unrolled int8 cell ops (recurrent.py)
         elif fixed_8bit and avgpool_as_depthwise(layer):
             steps.append(Step("avgpool", node))
         elif isinstance(layer, ops.IDENTITY) or ops.activation_name(layer) == "linear":
