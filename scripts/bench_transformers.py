@@ -1,0 +1,195 @@
+"""Coverage benchmark of sequence and transformer models: qtoolkit's int8 file vs the TFLite converter's.
+
+Builds and trains (2 epochs, sklearn digits) a ViT-tiny block, an Embedding + Conv1D text classifier and
+keyword-spotting style Conv1D -> GRU / LSTM models, converts each with qtoolkit.ptq and with the
+converter's own full-integer PTQ (same calibration samples), and prints a markdown table: float ops in
+the file, SQNR and top-1 agreement against the float model, accuracy, XNNPACK partitions, and the
+int8 / float latency (1 thread, batch 1).
+
+The converter fails on tf_keras LSTM/GRU with a dynamic batch ('tf.TensorListReserve' op requires
+element_shape to be static); its baseline for them is converted from a batch-1 concrete function
+(LSTM: its fused UNIDIRECTIONAL_SEQUENCE_LSTM with its int16 cell state; GRU: a WHILE loop).
+
+    env -u TF_USE_LEGACY_KERAS .venv/bin/python scripts/bench_transformers.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import tensorflow as tf  # noqa: E402
+import tf_keras as keras  # noqa: E402
+
+import qtoolkit  # noqa: E402
+from qtoolkit import export, inspection, latency, runtime, verify  # noqa: E402
+from qtoolkit.zoo.shapes import _images  # noqa: E402
+
+L = keras.layers
+CALIBRATION = 300
+
+
+def vit_block():
+    """The ViT block of tests/test_transformer.py (16x16 digits, 16 tokens of 32 channels)."""
+    inp = keras.Input((16, 16, 1), name="image")
+    x = L.Conv2D(32, 4, strides=4, name="patch")(inp)
+    x = L.Reshape((16, 32), name="tokens")(x)
+    h = L.LayerNormalization(name="ln1")(x)
+    x = L.Add(name="add1")([x, L.MultiHeadAttention(num_heads=2, key_dim=16, name="mha")(h, h)])
+    h = L.LayerNormalization(name="ln2")(x)
+    h = L.Dense(32, name="fc2")(L.Dense(64, activation="gelu", name="fc1")(h))
+    x = L.Add(name="add2")([x, h])
+    x = L.GlobalAveragePooling1D(name="gap")(L.LayerNormalization(name="ln3")(x))
+    return keras.Model(inp, L.Dense(10, name="head")(x), name="vit_block")
+
+
+def text_classifier(vocab=50, length=32):
+    """Embedding (vocab 50) + Conv1D + GlobalAveragePooling1D + Dense."""
+    inp = keras.Input((length,), dtype="int32", name="tokens")
+    h = L.Embedding(vocab, 16, name="emb")(inp)
+    h = L.Conv1D(32, 3, padding="same", activation="relu", name="conv")(h)
+    return keras.Model(inp, L.Dense(10, name="fc")(L.GlobalAveragePooling1D(name="gap")(h)), name="text")
+
+
+def kws(kind):
+    """Keyword-spotting style: 16 frames of 16 features, Conv1D, a GRU or LSTM, Dense."""
+    inp = keras.Input((16, 16), name="frames")
+    h = L.Conv1D(32, 3, padding="same", activation="relu", name="conv")(inp)
+    h = getattr(L, kind)(32, name="rnn")(h)
+    return keras.Model(inp, L.Dense(10, name="fc")(h), name=f"kws_{kind.lower()}")
+
+
+def text_tokens(images):
+    """Digit images (16x16, 0..1) as 32 tokens of vocab 50: pairs of 8x8 pixels binned to 5 levels each."""
+    small = images[:, ::2, ::2, 0] / images.max()
+    px = np.clip((small * 5).astype(int), 0, 4).reshape(len(images), 64)
+    return ((px[:, ::2] * 5 + px[:, 1::2]) + 25 * (np.arange(32) % 2)).astype(np.int32)
+
+
+def data():
+    x, y, xt, yt = _images()
+    return {"image": (x, y, xt, yt), "tokens": (text_tokens(x), y, text_tokens(xt), yt),
+            "frames": (x[..., 0], y, xt[..., 0], yt)}
+
+
+def batch1_function(model):
+    spec = model.inputs[0]
+    return tf.function(lambda t: model(t)).get_concrete_function(
+        tf.TensorSpec([1, *spec.shape[1:]], spec.dtype))
+
+
+def float_tflite(model):
+    return tf.lite.TFLiteConverter.from_concrete_functions([batch1_function(model)], model).convert()
+
+
+def converter_int8(model, cal, static_batch):
+    rep = lambda: ([cal[i:i + 1]] for i in range(len(cal)))  # noqa: E731
+    if not static_batch:
+        return export.converter_ptq_tflite(model, rep)
+    c = tf.lite.TFLiteConverter.from_concrete_functions([batch1_function(model)], model)
+    c.optimizations = [tf.lite.Optimize.DEFAULT]
+    c.representative_dataset = rep
+    c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    c.inference_input_type = c.inference_output_type = tf.int8
+    return c.convert()
+
+
+def run_batch1(data, x):
+    """Outputs of a (possibly batch-1) TFLite file, one sample at a time (int8 io (de)quantized)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=data, num_threads=1)
+    it.allocate_tensors()
+    i, o = it.get_input_details()[0], it.get_output_details()[0]
+    outs = []
+    for s in x:
+        v = s[None]
+        if i["dtype"] == np.int8:
+            sc, zp = i["quantization"]
+            v = np.clip(np.round(v / sc + zp), -128, 127).astype(np.int8)
+        it.set_tensor(i["index"], v.astype(i["dtype"]))
+        it.invoke()
+        r = it.get_tensor(o["index"])
+        if o["dtype"] == np.int8:
+            sc, zp = o["quantization"]
+            r = (r.astype(np.float32) - zp) * sc
+        outs.append(r[0])
+    return np.stack(outs)
+
+
+def median_ms(data, sample, runs=30):
+    """Median invoke time (1 thread, batch 1) on a real sample (latency.median_ms feeds random values:
+    out-of-vocabulary tokens for an Embedding)."""
+    import time
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    if not np.issubdtype(sample.dtype, np.integer):
+        return latency.median_ms(data, threads=1, runs=runs)
+    it = Interpreter(model_content=data, num_threads=1)
+    d = it.get_input_details()[0]
+    it.resize_tensor_input(d["index"], [1, *sample.shape], strict=False)
+    it.allocate_tensors()
+    it.set_tensor(d["index"], sample[None].astype(d["dtype"]))
+    times = []
+    for _ in range(runs + 5):
+        t0 = time.perf_counter()
+        it.invoke()
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times[5:]))
+
+
+def row(name, tool, data, comparison, float_ms, sample):
+    d = runtime.delegation(data)
+    floats = len(inspection.inspect(data).float_ops)
+    ms = median_ms(data, sample)
+    return (f"| {name} | {tool} | {floats} | {comparison.sqnr_db:.1f} | {100 * comparison.top1_agreement:.1f}% | "
+            f"{100 * comparison.candidate_accuracy:.1f}% | {d.partitions} | {ms:.3f} / {float_ms:.3f} |")
+
+
+def bench(name, build, x, y, xt, yt, static_batch=False):
+    keras.utils.set_random_seed(0)
+    model = build()
+    model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    cal, ver, yv = x[:CALIBRATION], xt, yt  # calibrated on training samples, verified on the test split
+    r = qtoolkit.ptq(model, cal, "int8", verification_data=ver, labels=yv, progress=False)
+    float_ms = median_ms(float_tflite(model), ver[0])
+    reference = model.predict(ver, verbose=0)
+    rows = [f"| {name} | float | - | - | - | {100 * np.mean(reference.argmax(-1) == yv):.1f}% | - | - |",
+            row(name, "qtoolkit", r.tflite, r.comparisons["float vs TFLite"], float_ms, ver[0])]
+    if static_batch == "crashes":
+        rows.append(f"| {name} | converter | fails: 'tf.TensorListReserve' op requires element_shape to be static; "
+                    "from a batch-1 function its calibrator segfaults on the GRU's WHILE loop | | | | | |")
+        return rows
+    try:
+        conv = converter_int8(model, cal, static_batch)
+        theirs = verify.compare(reference, run_batch1(conv, ver), labels=yv)
+        rows.append(row(name, "converter" + (" (batch 1)" if static_batch else ""), conv, theirs, float_ms, ver[0]))
+    except Exception as e:  # noqa: BLE001
+        rows.append(f"| {name} | converter | failed: {str(e).splitlines()[0][:80]} | | | | | |")
+    return rows
+
+
+def main():
+    d = data()
+    print("| model | tool | float ops | SQNR (dB) | top-1 agreement | accuracy | XNNPACK partitions "
+          "| int8 / float ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    only = sys.argv[1:]
+    for name, build, key, static in [("ViT block", vit_block, "image", False),
+                                     ("Embedding text", text_classifier, "tokens", False),
+                                     ("KWS Conv1D+GRU", lambda: kws("GRU"), "frames", "crashes"),
+                                     ("KWS Conv1D+LSTM", lambda: kws("LSTM"), "frames", True)]:
+        if only and not any(o.lower() in name.lower() for o in only):
+            continue
+        for line in bench(name, build, *d[key], static_batch=static):
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
