@@ -26,7 +26,7 @@ from qtoolkit.quantizers import MAX_BITS, MIN_BITS
 from qtoolkit.errors import SchemeError  # noqa: F401  (raised here; defined with the others)
 
 GRANULARITIES = ("per_tensor", "per_channel")
-RANGE_METHODS = ("minmax", "ema", "percentile", "mse", "entropy")
+RANGE_METHODS = ("minmax", "ema", "percentile", "mse", "entropy", "auto")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 _PACKAGED_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -57,17 +57,20 @@ class ActivationQuant:
       symmetric: zero-point 0.
       narrow_range: drop the lowest code.
       granularity: only "per_tensor" (TFLite has no per-channel activations).
-      method: range method, one of RANGE_METHODS.
+      method: range method, one of RANGE_METHODS: "minmax", "ema", "percentile", "mse", "entropy"
+        (calibrate/observers.py) or "auto" (the default, as in the `int8` preset): per tensor the min/max
+        or the MSE range, whichever gives the lower error of the model's outputs on held-out calibration
+        samples (calibrate/select.py; measured in docs/benchmarks.md).
       ema_decay: decay of the moving average of batch min/max ("ema").
       percentile: two-sided percentile kept ("percentile"), e.g. 99.99.
-      num_bins: histogram bins ("percentile", "mse", "entropy").
+      num_bins: histogram bins ("percentile", "mse", "entropy", "auto").
     """
 
     bits: int = 8
     symmetric: bool = False
     narrow_range: bool = False
     granularity: str = "per_tensor"
-    method: str = "mse"
+    method: str = "auto"
     ema_decay: float = 0.9
     percentile: float = 99.99
     num_bins: int = 2048

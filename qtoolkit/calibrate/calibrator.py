@@ -11,15 +11,24 @@ in where quantizers sit and how ranges are chosen.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import time
+from typing import Optional
+
+import numpy as np
 
 import tensorflow as tf
 
 from qtoolkit.calibrate.data import Source
+from qtoolkit.calibrate import select
 from qtoolkit.calibrate.observers import make_observer
 from qtoolkit.schemes import QuantScheme
+
+SELECTION_SAMPLES = 128  # samples the "auto" method measures the output error on
+SELECTION_SECONDS = 20.0  # its time budget (fewer samples, then flips in blocks, past it)
+SELECTION_Z = 2.0  # standard errors a flip's gain must exceed (select.better)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,12 +40,14 @@ class Calibration:
       samples: number of samples run.
       seconds: wall time of the pass.
       method: range method used.
+      selection: for "auto", what was chosen per quantizer and the errors measured (`select.Selection`).
     """
 
     ranges: dict
     samples: int
     seconds: float
     method: str
+    selection: Optional[select.Selection] = None
 
 
 def calibrate(rewritten, source: Source, num_samples: int, scheme: QuantScheme, batch_size: int = 32,
@@ -53,21 +64,39 @@ def calibrate(rewritten, source: Source, num_samples: int, scheme: QuantScheme, 
     def run(inputs):
         return rewritten.float_model(inputs, training=False)
 
+    auto = scheme.activations.method == "auto" and bool(names) and num_samples >= 2
+    # "auto": the candidates are judged on held-out samples, the last ones: `snapshot` holds the observers
+    # as they were before them (ranges from the first samples only), `kept` the held-out inputs and outputs.
+    cut = _holdout_start(num_samples, batch_size) if auto else num_samples
+    snapshot, kept_inputs, kept_outputs = None, [], []
     bar = _progress(num_samples, progress)
     seen = 0
     for batch in source.take(num_samples, batch_size):
         outputs = run(batch if len(batch) > 1 else batch[0])
         outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        size = batch[0].shape[0]
+        split = min(max(cut - seen, 0), size) if auto else size  # rows of this batch before the cut
         for name, tensor in zip(names, outputs[n_out:]):
-            observers[name].update(tensor.numpy())
-        seen += batch[0].shape[0]
-        bar.update(batch[0].shape[0])
+            tensor = tensor.numpy()
+            observers[name].update(tensor if split in (0, size) else tensor[:split])
+        if auto and snapshot is None and seen + split >= cut:
+            snapshot = copy.deepcopy(observers)
+            if 0 < split < size:
+                for name, tensor in zip(names, outputs[n_out:]):
+                    observers[name].update(tensor.numpy()[split:])
+        if auto and seen + size > cut:
+            kept_inputs.append([np.asarray(x[split:]) for x in batch])
+            kept_outputs.append([t.numpy()[split:] for t in outputs[:n_out]])
+        seen += size
+        bar.update(size)
     bar.close()
-    chosen = {name: observers[name].range() for name in names}
-    for group in _tie_groups(rewritten.tied_points):
-        # One shared range, the union: equal scales and zero points.
-        shared = (min(chosen[n][0] for n in group), max(chosen[n][1] for n in group))
-        chosen.update({n: shared for n in group})
+    groups = _tie_groups(rewritten.tied_points)
+    selection = None
+    if auto:
+        chosen, selection = _select(rewritten, observers, snapshot, groups, kept_inputs, kept_outputs, scheme,
+                                    progress)
+    else:
+        chosen = _tied({name: observers[name].range() for name in names}, groups)
     ranges = {}
     for name in names:
         layer = rewritten.model.get_layer(name)
@@ -75,7 +104,52 @@ def calibrate(rewritten, source: Source, num_samples: int, scheme: QuantScheme, 
         ranges[name] = layer.get_range()
     for name in rewritten.fixed_points:
         ranges[name] = rewritten.model.get_layer(name).get_range()
-    return Calibration(ranges, seen, time.perf_counter() - start, scheme.activations.method)
+    return Calibration(ranges, seen, time.perf_counter() - start, scheme.activations.method, selection)
+
+
+def _tied(chosen: dict, groups) -> dict:
+    """`chosen` with each tie group given one shared range, the union: equal scales and zero points."""
+    chosen = dict(chosen)
+    for group in groups:
+        shared = (min(chosen[n][0] for n in group), max(chosen[n][1] for n in group))
+        chosen.update({n: shared for n in group})
+    return chosen
+
+
+def _holdout_start(n: int, batch_size: int) -> int:
+    """Where the held-out samples of "auto" start: at most SELECTION_SAMPLES, at most half of `n`, on a batch
+    boundary where one falls in [n - SELECTION_SAMPLES, n) (the observers then see whole batches)."""
+    cut = max(n - SELECTION_SAMPLES, (n + 1) // 2)
+    aligned = -(-cut // batch_size) * batch_size
+    return aligned if aligned < n else cut
+
+
+def _units(names, candidates, groups) -> list:
+    """One `select.Unit` per quantizer or tie group (the union of its members' ranges), in graph order."""
+    per_method = {m: _tied({n: candidates[n][m] for n in names}, groups) for m in select.CANDIDATES}
+    grouped = {n: g for g in groups for n in g}
+    units, done = [], set()
+    for n in names:  # a tie group where its first member is
+        if n in done:
+            continue
+        members = tuple(grouped.get(n, [n]))
+        done.update(members)
+        units.append(select.Unit(members, {m: per_method[m][n] for m in select.CANDIDATES}))
+    return units
+
+
+def _select(rewritten, observers, snapshot, groups, kept_inputs, kept_outputs, scheme, progress):
+    """The "auto" choice: per unit (a quantizer or a tie group), min/max or MSE, whichever gives the lower
+    output error on the held-out samples with ranges from the samples before them; the chosen method's
+    range from all the samples is then assigned."""
+    names = rewritten.quant_points
+    held_out = _units(names, {n: snapshot[n].candidates() for n in names}, groups)
+    inputs = [np.concatenate([b[i] for b in kept_inputs]) for i in range(len(kept_inputs[0]))]
+    references = [np.concatenate([b[i] for b in kept_outputs]) for i in range(len(kept_outputs[0]))]
+    selection = select.select_ranges(rewritten, inputs, references, held_out, scheme.activations.bits,
+                                     max_seconds=SELECTION_SECONDS, z=SELECTION_Z, progress=progress)
+    full = _units(names, {n: observers[n].candidates() for n in names}, groups)
+    return {n: u.ranges[selection.choice[n]] for u in full for n in u.names}, selection
 
 
 class _NoBar:

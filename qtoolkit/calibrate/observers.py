@@ -16,7 +16,10 @@ data arrives (old counts are re-binned).  Methods:
     quantization mean squared error of the histogram;
   * entropy — the clipping range that minimises the KL divergence between
     the histogram and its quantized version (TensorRT's calibrator, on both
-    sides of zero for asymmetric ranges).
+    sides of zero for asymmetric ranges);
+  * auto — per tensor, min/max or MSE, whichever gives the lower error of the
+    model's outputs: the observer keeps both candidates (`AutoObserver`), the
+    calibrator chooses after the pass (`calibrate/select.py`).
 """
 
 from __future__ import annotations
@@ -234,6 +237,27 @@ class EntropyObserver(HistogramObserver):
         return min(candidates, key=lambda r: self.divergence(*r))
 
 
+class AutoObserver(MSEObserver):
+    """Both candidates of the "auto" method: the exact min/max and the MSE range.
+
+    `range()` is the MSE range (what a caller that does not select gets);
+    `candidates()` gives both, and the calibrator picks one per tensor by the
+    model's output error (calibrate/select.py).
+    """
+
+    def __init__(self, bits: int = 8, symmetric: bool = False, narrow_range: bool = False, num_bins: int = 2048):
+        super().__init__(bits, symmetric, narrow_range, num_bins)
+        self.minmax = MinMaxObserver()
+
+    def update(self, batch: np.ndarray) -> None:
+        super().update(batch)
+        self.minmax.update(batch)
+
+    def candidates(self) -> dict:
+        """{"minmax": the extreme values seen, "mse": the MSE clipping range}."""
+        return {"minmax": self.minmax.range(), "mse": MSEObserver.range(self)}
+
+
 def make_observer(acts: ActivationQuant) -> Observer:
     """The observer for a scheme's activation settings (one registry, keyed by method)."""
     factories = {
@@ -242,6 +266,7 @@ def make_observer(acts: ActivationQuant) -> Observer:
         "percentile": lambda: PercentileObserver(acts.percentile, acts.num_bins),
         "mse": lambda: MSEObserver(acts.bits, acts.symmetric, acts.narrow_range, acts.num_bins),
         "entropy": lambda: EntropyObserver(acts.bits, acts.num_bins),
+        "auto": lambda: AutoObserver(acts.bits, acts.symmetric, acts.narrow_range, acts.num_bins),
     }
     assert set(factories) == set(RANGE_METHODS)
     if acts.method not in factories:
