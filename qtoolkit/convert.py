@@ -48,7 +48,7 @@ _TASKS = flags.DEFINE_string(
     "at every position: per sample, pixel or anchor), regression (SQNR and errors only) or auto (classification "
     "when the last axis has > 1 value; the default). One task for all outputs, or per output: boxes=regression,"
     "classes=classification.")
-_RANGE = flags.DEFINE_enum("range_method", None, ["minmax", "ema", "percentile", "mse", "entropy"],
+_RANGE = flags.DEFINE_enum("range_method", None, ["auto", "minmax", "ema", "percentile", "mse", "entropy"],
                            "Override the scheme's activation range method.")
 _IO = flags.DEFINE_enum("io_dtype", "int8", ["int8", "uint8", "float32"], "Model input/output dtype.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Calibration batch size.")
