@@ -273,7 +273,7 @@ def _filters(data):
     return out
 
 
-@pytest.mark.parametrize("base", ["w4a8", "int8"])
+@pytest.mark.parametrize("base", [pytest.param("w4a8", marks=pytest.mark.slow), "int8"])
 def test_adaround_weights_survive_export_and_ops_unchanged(base):
     model = relu_chain((8, 8, 1))
     x = random_inputs(model, 96, low=0.0, high=1.0)

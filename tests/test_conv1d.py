@@ -95,6 +95,7 @@ def test_variants_file_is_one_xnnpack_partition():
     assert r.comparisons["float vs TFLite"].sqnr_db > 30
 
 
+@pytest.mark.slow  # the default suite must stay under 3 minutes on 2 cores; runs in the accuracy-regression workflow
 def test_conv1d_bn_delegates_as_well_as_the_converters_file():
     from qtoolkit.zoo import shapes
 
@@ -114,6 +115,7 @@ def test_conv1d_bn_delegates_as_well_as_the_converters_file():
     assert r.comparisons["simulated vs TFLite"].max_error_steps <= 1.0 + 1e-3
 
 
+@pytest.mark.slow  # the default suite must stay under 3 minutes on 2 cores; runs in the accuracy-regression workflow
 def test_keras3_conv1d_gives_the_same_file_layout():
     import keras  # Keras 3: rewritten through its tf_keras twin
 

@@ -5,10 +5,12 @@
 
 import keras  # Keras 3, beside tf_keras in this process
 import numpy as np
+import pytest
 
 import qtoolkit
 
 
+@pytest.mark.slow  # the default suite must stay under 3 minutes on 2 cores; runs in the accuracy-regression workflow
 def test_qat_in_keras3_trains_with_keras3_fit_and_the_callback(tmp_path):
     """quantize_model(Keras 3 model) is a Keras 3 model: Keras 3 compile/fit/Adam, the callback's
     val_int8_accuracy seen by Keras 3's EarlyStopping, export fully int8, .keras round trip, user model intact."""

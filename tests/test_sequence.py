@@ -46,6 +46,7 @@ def test_recurrent_float_twin_matches_the_layer(kind, return_sequences, use_bias
     np.testing.assert_allclose(twin, model.predict(x, verbose=0), atol=TWIN_ATOL, rtol=1e-4)
 
 
+@pytest.mark.slow  # the default suite must stay under 3 minutes on 2 cores; runs in the accuracy-regression workflow
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_recurrent_is_fully_int8(kind):
     model = _rnn_model(kind, return_sequences=True)

@@ -189,6 +189,7 @@ def trained_vit():
     return model, xt
 
 
+@pytest.mark.slow  # the default suite must stay under 3 minutes on 2 cores; runs in the accuracy-regression workflow
 def test_vit_block_is_fully_integer_and_far_above_the_converter(trained_vit):
     from qtoolkit import runtime
 
