@@ -171,6 +171,7 @@ def test_keras_applications_in_keras3_give_their_tf_keras_twins_file(name):
     assert np.max(np.abs(t3 - t2)) <= verify.LiteRTModel(r3.tflite).output_step() + 1e-6
 
 
+@pytest.mark.slow  # the default suite must stay under 3 minutes; each tool's Keras 3 path runs in test_keras3
 def test_debugger_and_regression_job_take_keras3_models(tmp_path):
     from qtoolkit import debug, regress
 

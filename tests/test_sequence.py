@@ -35,8 +35,9 @@ def _x(n=96, steps=6, seed=1):
     return np.random.default_rng(seed).normal(size=(n, steps, 8)).astype(np.float32)
 
 
-@pytest.mark.parametrize("kind,return_sequences,use_bias", [("LSTM", False, True), ("LSTM", True, False),
-                                                            ("GRU", False, True), ("GRU", True, True)])
+@pytest.mark.parametrize("kind,return_sequences,use_bias", [
+    pytest.param("LSTM", False, True, marks=pytest.mark.slow), ("LSTM", True, False), ("GRU", False, True),
+    pytest.param("GRU", True, True, marks=pytest.mark.slow)])
 def test_recurrent_float_twin_matches_the_layer(kind, return_sequences, use_bias):
     model = _rnn_model(kind, return_sequences, use_bias)
     result = rewrite.rewrite(model, INT8)
