@@ -127,6 +127,7 @@ def test_cli_bad_input_is_one_error_line(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error:")
 
 
+@pytest.mark.slow  # the default suite stays under 3 minutes on 2 cores (accuracy-regression workflow runs it)
 def test_convert_prints_worst_layers_and_mixed_precision_budget(tmp_path, capsys):
     from qtoolkit import convert
 

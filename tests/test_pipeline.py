@@ -103,7 +103,7 @@ def test_low_bit_schemes_export_and_simulate(digits, scheme):
     assert result.notes
 
 
-@pytest.mark.parametrize("io_dtype", ["uint8", "float32"])
+@pytest.mark.parametrize("io_dtype", ["uint8", pytest.param("float32", marks=pytest.mark.slow)])
 def test_io_dtypes(digits, io_dtype):
     model, calib, x_test, _ = digits
     result = ptq(model, calib, "int8", io_dtype=io_dtype, num_verification_samples=50, progress=False)

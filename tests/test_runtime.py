@@ -70,6 +70,7 @@ def test_rewrites_preserve_the_float_function():
     assert not any(getattr(layer, "symbol", "") == "__operators__.add" for layer in result.model.layers)
 
 
+@pytest.mark.slow  # the default suite stays under 3 minutes on 2 cores (accuracy-regression workflow runs it)
 def test_hard_swish_and_reshape_int8_is_one_xnnpack_partition():
     model = _hard_swish_model(tiny=True)
     x = np.random.default_rng(1).uniform(-1, 1, (120, 12, 12, 8)).astype(np.float32)
@@ -222,6 +223,7 @@ def _mul_io_params(data):
              int(tensors[i]["quantization_parameters"]["zero_points"][0])) for i in (mul["inputs"][0], mul["outputs"][0])]
 
 
+@pytest.mark.slow  # the default suite stays under 3 minutes on 2 cores (accuracy-regression workflow runs it)
 def test_average_pooling_window_shares_the_output_range_when_most_counts_are_full():
     # 3x3 'same' over 11x11: 81 of 121 positions have the full count, where the MUL by the count map is 1.
     # The window and the output get one range (their union), so TFLite's MUL is exact there; over 3x40

@@ -36,7 +36,8 @@ def _x(n=96, steps=6, seed=1):
 
 
 @pytest.mark.parametrize("kind,return_sequences,use_bias", [
-    pytest.param("LSTM", False, True, marks=pytest.mark.slow), ("LSTM", True, False), ("GRU", False, True),
+    pytest.param("LSTM", False, True, marks=pytest.mark.slow), ("LSTM", True, False),
+    pytest.param("GRU", False, True, marks=pytest.mark.slow),
     pytest.param("GRU", True, True, marks=pytest.mark.slow)])
 def test_recurrent_float_twin_matches_the_layer(kind, return_sequences, use_bias):
     model = _rnn_model(kind, return_sequences, use_bias)

@@ -122,6 +122,7 @@ def test_attention_with_a_mask_is_left_as_it_is():
     assert rewrite.rewrite(model, INT8).float_layers == ["mha"]
 
 
+@pytest.mark.slow  # the default suite stays under 3 minutes; test_keras3 converts an attention block fully int8
 def test_attention_is_int8_and_matches_its_simulation_op_by_op():
     model = _attention_model()
     x = np.random.default_rng(0).normal(size=(320, 16, 32)).astype(np.float32)
