@@ -6,10 +6,11 @@
 """
 
 from qtoolkit.calibrate.calibrator import Calibration, calibrate
-from qtoolkit.calibrate.data import RESIZE_POLICIES, DataError, ImagePreprocessing, Source, open_source
+from qtoolkit.calibrate.data import DataError, Source, open_source
+from qtoolkit.calibrate.images import IMAGE_EXTENSIONS, RESIZE_POLICIES, ImagePreprocessing
 from qtoolkit.calibrate.observers import (EMAObserver, EntropyObserver, MinMaxObserver, MSEObserver,
                                           PercentileObserver, make_observer)
 
 __all__ = ["calibrate", "Calibration", "open_source", "Source", "DataError", "ImagePreprocessing",
-           "RESIZE_POLICIES", "make_observer",
+           "RESIZE_POLICIES", "IMAGE_EXTENSIONS", "make_observer",
            "MinMaxObserver", "EMAObserver", "PercentileObserver", "MSEObserver", "EntropyObserver"]
