@@ -162,7 +162,7 @@ class QuantizationCallback(keras.callbacks.Callback):
         int8_out = int8_out if isinstance(int8_out, list) else [int8_out]
         keras_out = verify.predict_keras(self.model, x, batch_size=256, all_outputs=True)
         names = export.output_names(self.model)[:len(int8_out)]
-        found = self._measure(names, keras_out, int8_out, y, [tfl.output_step(i) for i in range(len(names))])
+        found, score = self._measure(names, keras_out, int8_out, y, [tfl.output_step(i) for i in range(len(names))])
         logs = logs if logs is not None else {}
         logs.update(found)
         self.history.append({"epoch": epoch, **found})
@@ -171,9 +171,6 @@ class QuantizationCallback(keras.callbacks.Callback):
             shown = "-" if accuracy is None else f"{accuracy:.4f}"
             print(f"epoch {epoch + 1}: int8 TFLite accuracy {shown}, simulation gap "
                   f"{found.get('val_int8_sim_gap', float('nan')):.2f} steps")
-        score = accuracy if accuracy is not None else next(
-            (v for k, v in found.items() if k.startswith("val_int8_") and k not in ("val_int8_sim_gap",)
-             and not k.endswith("_sim_gap") and not k.endswith("_accuracy")), None)
         if self.best_path and (score is None or score > self.best):
             self.best = -np.inf if score is None else score
             # Every worker measures (the logs must agree: EarlyStopping stops all or none); the chief writes.
@@ -184,8 +181,9 @@ class QuantizationCallback(keras.callbacks.Callback):
                 state = {"best": None if score is None else float(score), "epoch": epoch, "step": self.step}
                 export.write_atomic(self._state_path(), json.dumps(state).encode())
 
-    def _measure(self, names, keras_out, int8_out, y, steps) -> dict:
-        """The epoch's logs: per output accuracy, user metric and simulation gap (what can be computed)."""
+    def _measure(self, names, keras_out, int8_out, y, steps) -> tuple[dict, Optional[float]]:
+        """The epoch's logs (per output accuracy, user metric and simulation gap: what can be computed) and the
+        score `best_path` keeps the best of: the int8 accuracy, else the first user metric, else None."""
         from qtoolkit import verify
 
         several = len(names) > 1
@@ -196,7 +194,7 @@ class QuantizationCallback(keras.callbacks.Callback):
         except ValueError as e:
             self._say_once("per_output", f"{e}; int8 metrics other than the simulation gap are skipped")
             labels = tasks = metrics = [None] * len(names)
-        found, accuracies, gaps = {}, [], []
+        found, accuracies, gaps, metric_values = {}, [], [], []
         for name, ref, out, lab, task, metric, step in zip(names, keras_out, int8_out, labels, tasks, metrics,
                                                             steps):
             tag = f"{name}_" if several else ""
@@ -212,6 +210,7 @@ class QuantizationCallback(keras.callbacks.Callback):
             if cmp.metric_name:
                 found[f"val_int8_{tag}{cmp.metric_name}"] = cmp.candidate_metric
                 found[f"val_qat_{tag}{cmp.metric_name}"] = cmp.reference_metric
+                metric_values.append(cmp.candidate_metric)
             if cmp.max_error_steps is not None:
                 found[f"val_int8_{tag}sim_gap"] = cmp.max_error_steps
                 gaps.append(cmp.max_error_steps)
@@ -219,7 +218,8 @@ class QuantizationCallback(keras.callbacks.Callback):
             found["val_int8_accuracy"] = float(np.mean(accuracies))
         if several and gaps:
             found["val_int8_sim_gap"] = max(gaps)
-        return found
+        accuracy = found.get("val_int8_accuracy")
+        return found, accuracy if accuracy is not None else (metric_values[0] if metric_values else None)
 
 
 def fine_tune(qat_model, x, y, *, epochs: int = 1, batch_size: int = 64, learning_rate: float = 1e-4,

@@ -152,19 +152,10 @@ def _keras_version_of_zip(path: str) -> Optional[str]:
 def _lambda_layers(config) -> list[str]:
     """Names of the Lambda layers (serialized Python code) anywhere in a model config."""
     found = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            if node.get("class_name") == "Lambda":
-                cfg = node.get("config", {})
-                found.append(str(cfg.get("name", "?")) if isinstance(cfg, dict) else "?")
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(config)
+    for node in user_code.config_nodes(config):
+        if node.get("class_name") == "Lambda":
+            cfg = node.get("config", {})
+            found.append(str(cfg.get("name", "?")) if isinstance(cfg, dict) else "?")
     return found
 
 

@@ -246,21 +246,19 @@ def _verify(prepared: Prepared, data: bytes, rewritten, labels, tasks, metrics) 
     n = prepared.num_verification
     steps = [tfl.output_step(i) for i in range(len(tfl_out))]
 
-    def measure(a, b):
-        try:
-            y = {name: None if v is None else np.asarray(v)[:n]
-                 for name, v in zip(names, verify.per_output(labels, names, "labels"))}
-            return verify.compare_outputs(a, b, names, y, steps, tasks, metrics)
-        except ValueError as e:  # labels, tasks or metrics that do not fit the outputs
-            raise cal.DataError(f"verification: {e} (see --labels / --output_tasks)") from None
-
-    by_pair = {"float vs TFLite": measure(float_out, tfl_out)}
     outputs = {"float": float_out[0], "tflite": tfl_out[0]}
+    pairs = {"float vs TFLite": (float_out, tfl_out)}
     if rewritten is not None:
         sim_out = verify.predict_keras(rewritten.model, ver, all_outputs=True)[:len(names)]
         outputs["simulated"] = sim_out[0]
-        by_pair["float vs simulated"] = measure(float_out, sim_out)
-        by_pair["simulated vs TFLite"] = measure(sim_out, tfl_out)
+        pairs.update({"float vs simulated": (float_out, sim_out), "simulated vs TFLite": (sim_out, tfl_out)})
+    try:
+        y = {name: None if v is None else np.asarray(v)[:n]
+             for name, v in zip(names, verify.per_output(labels, names, "labels"))}
+        by_pair = {pair: verify.compare_outputs(a, b, names, y, steps, tasks, metrics)
+                   for pair, (a, b) in pairs.items()}
+    except ValueError as e:  # labels, tasks or metrics that do not fit the outputs
+        raise cal.DataError(f"verification: {e} (see --labels / --output_tasks)") from None
     per_output = {name: {pair: c[name] for pair, c in by_pair.items()} for name in names}
     return per_output[names[0]], outputs, per_output
 

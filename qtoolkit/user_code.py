@@ -75,19 +75,23 @@ def unknown_classes(config, known: dict, keras_module) -> list[str]:
         except Exception:  # noqa: BLE001
             return False
 
-    def walk(node):
-        if isinstance(node, dict):
-            name = node.get("class_name")
-            if isinstance(name, str) and name not in found and not knows(name) and name not in _BUILT_IN:
-                found.append(name)
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(config)
+    for node in config_nodes(config):
+        name = node.get("class_name")
+        if isinstance(name, str) and name not in found and not knows(name) and name not in _BUILT_IN:
+            found.append(name)
     return found
+
+
+def config_nodes(config):
+    """Every dict in a model config (nested dicts and lists), parents before children, in file order."""
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            yield node
+            stack.extend(reversed(list(node.values())))
+        elif isinstance(node, list):
+            stack.extend(reversed(node))
 
 
 # Serialized names Keras writes for things that are not classes in its public modules.

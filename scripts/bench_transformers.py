@@ -27,24 +27,10 @@ import tf_keras as keras  # noqa: E402
 
 import qtoolkit  # noqa: E402
 from qtoolkit import export, inspection, latency, runtime, verify  # noqa: E402
-from qtoolkit.zoo.shapes import _images  # noqa: E402
+from qtoolkit.zoo.shapes import _images, vit_block  # noqa: E402
 
 L = keras.layers
 CALIBRATION = 300
-
-
-def vit_block():
-    """The ViT block of tests/test_transformer.py (16x16 digits, 16 tokens of 32 channels)."""
-    inp = keras.Input((16, 16, 1), name="image")
-    x = L.Conv2D(32, 4, strides=4, name="patch")(inp)
-    x = L.Reshape((16, 32), name="tokens")(x)
-    h = L.LayerNormalization(name="ln1")(x)
-    x = L.Add(name="add1")([x, L.MultiHeadAttention(num_heads=2, key_dim=16, name="mha")(h, h)])
-    h = L.LayerNormalization(name="ln2")(x)
-    h = L.Dense(32, name="fc2")(L.Dense(64, activation="gelu", name="fc1")(h))
-    x = L.Add(name="add2")([x, h])
-    x = L.GlobalAveragePooling1D(name="gap")(L.LayerNormalization(name="ln3")(x))
-    return keras.Model(inp, L.Dense(10, name="head")(x), name="vit_block")
 
 
 def text_classifier(vocab=50, length=32):

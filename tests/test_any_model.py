@@ -216,7 +216,7 @@ def test_callback_metrics_per_output_never_stop_fit(capsys):
     ref = [rng.normal(size=(20, 10)).astype(np.float32), rng.normal(size=(20, 16, 16, 3)).astype(np.float32)]
     out = [r + 0.01 for r in ref]
     cb = QuantizationCallback(output_tasks={"mask": "classification"})
-    found = cb._measure(["digit", "mask"], ref, out, [rng.integers(0, 10, 20), rng.integers(0, 3, 5)], [0.1, 0.1])
+    found, _ = cb._measure(["digit", "mask"], ref, out, [rng.integers(0, 10, 20), rng.integers(0, 3, 5)], [0.1, 0.1])
     assert "val_int8_digit_accuracy" in found and "val_int8_mask_accuracy" not in found
     assert found["val_int8_mask_sim_gap"] == pytest.approx(0.1, rel=1e-3)
     cb._measure(["digit", "mask"], ref, out, [None, rng.integers(0, 3, 5)], [0.1, 0.1])

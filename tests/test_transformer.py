@@ -11,6 +11,7 @@ import tf_keras as keras
 import qtoolkit
 from helpers import SIMULATION_GAP_STEPS, TWIN_ATOL, tflite_graph
 from qtoolkit import export, rewrite, schemes, verify
+from qtoolkit.zoo.shapes import vit_block
 
 L = keras.layers
 INT8 = schemes.load("int8")
@@ -162,20 +163,6 @@ def test_dense_on_tokens_with_gelu_is_fully_connected_and_gelu():
     # TFLite's int8 GELU (a table over the 256 input codes: exactly the simulation's gelu of each code).
     assert sorted(set(ops)) == ["FULLY_CONNECTED", "GELU", "MEAN", "RESHAPE"], ops
     assert r.comparisons["simulated vs TFLite"].max_error_steps <= SIMULATION_GAP_STEPS
-
-
-def vit_block():
-    """The issue's ViT block on 16x16 digits: patch embedding, pre-norm attention and MLP blocks, GAP head."""
-    inp = keras.Input((16, 16, 1), name="image")
-    x = L.Conv2D(32, 4, strides=4, name="patch")(inp)
-    x = L.Reshape((16, 32), name="tokens")(x)
-    h = L.LayerNormalization(name="ln1")(x)
-    x = L.Add(name="add1")([x, L.MultiHeadAttention(num_heads=2, key_dim=16, name="mha")(h, h)])
-    h = L.LayerNormalization(name="ln2")(x)
-    h = L.Dense(32, name="fc2")(L.Dense(64, activation="gelu", name="fc1")(h))
-    x = L.Add(name="add2")([x, h])
-    x = L.GlobalAveragePooling1D(name="gap")(L.LayerNormalization(name="ln3")(x))
-    return keras.Model(inp, L.Dense(10, name="head")(x), name="vit_block")
 
 
 @pytest.fixture(scope="module")

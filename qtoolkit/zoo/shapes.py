@@ -194,6 +194,23 @@ def data(name: str) -> Task:
     raise ValueError(f"unknown model shape {name!r}; known: {', '.join(NAMES)}")
 
 
+def vit_block(k=tf_keras):
+    """A ViT-style block on 16x16 digits (issue 20's): patch embedding into 16 tokens of 32 channels,
+    pre-norm attention and GELU MLP blocks with residual adds, pooled head (tests/test_transformer.py,
+    scripts/bench_transformers.py)."""
+    L = k.layers
+    inp = k.Input((16, 16, 1), name="image")
+    x = L.Conv2D(32, 4, strides=4, name="patch")(inp)
+    x = L.Reshape((16, 32), name="tokens")(x)
+    h = L.LayerNormalization(name="ln1")(x)
+    x = L.Add(name="add1")([x, L.MultiHeadAttention(num_heads=2, key_dim=16, name="mha")(h, h)])
+    h = L.LayerNormalization(name="ln2")(x)
+    h = L.Dense(32, name="fc2")(L.Dense(64, activation="gelu", name="fc1")(h))
+    x = L.Add(name="add2")([x, h])
+    x = L.GlobalAveragePooling1D(name="gap")(L.LayerNormalization(name="ln3")(x))
+    return k.Model(inp, L.Dense(10, name="head")(x), name="vit_block")
+
+
 BUILDERS: dict[str, Callable] = {"two_heads": two_heads, "unet": unet, "subclassed": subclassed,
                                  "custom_layer": custom_layer, "conv1d_bn": conv1d_bn, "detection": detection}
 _TRAINED: dict = {}
