@@ -50,53 +50,115 @@ class Calibration:
     selection: Optional[select.Selection] = None
 
 
+@dataclasses.dataclass
+class Observed:
+    """What a calibration pass (or part of one) saw: mergeable, in stream order, with `merge`.
+
+    Attributes:
+      observers: quantizer name -> observer, over every sample seen.
+      before_holdout: "auto" only: the observers over the samples before the held-out ones.
+      holdout_inputs: "auto" only: the held-out samples seen, one array per model input.
+      samples: samples seen.
+    """
+
+    observers: dict
+    before_holdout: Optional[dict]
+    holdout_inputs: Optional[list]
+    samples: int
+
+
+def merge(parts: list) -> Observed:
+    """One `Observed` from parts of a stream, given in stream order (as one pass over them all would be)."""
+    first = parts[0]
+    observers = copy.deepcopy(first.observers)
+    before = copy.deepcopy(first.before_holdout)
+    held = [list(p.holdout_inputs) for p in parts if p.holdout_inputs]
+    for part in parts[1:]:
+        for name, observer in observers.items():
+            observer.merge(part.observers[name])
+            if before is not None:
+                before[name].merge(part.before_holdout[name])
+    holdout = [np.concatenate([h[i] for h in held]) for i in range(len(held[0]))] if held else None
+    return Observed(observers, before, holdout, sum(p.samples for p in parts))
+
+
 def calibrate(rewritten, source: Source, num_samples: int, scheme: QuantScheme, batch_size: int = 32,
               progress: bool = True) -> Calibration:
     """Calibrates every activation range of `rewritten.model` (see module docstring)."""
     if scheme.activations is None:
         return Calibration({}, 0, 0.0, "none")
     start = time.perf_counter()
-    n_out = len(rewritten.model.outputs)
+    observed = observe(rewritten, source, num_samples, scheme, batch_size, progress)
+    return assign(rewritten, observed, scheme, progress, time.perf_counter() - start)
+
+
+def _auto(rewritten, scheme: QuantScheme, num_samples: int) -> bool:
+    return scheme.activations.method == "auto" and bool(rewritten.quant_points) and num_samples >= 2
+
+
+def observe(rewritten, source: Source, num_samples: int, scheme: QuantScheme, batch_size: int = 32,
+            progress: bool = True, block: Optional[tuple] = None) -> Observed:
+    """Runs samples through the float twin into one observer per activation quantizer.
+
+    Args:
+      rewritten, source, num_samples, scheme, batch_size, progress: as for `calibrate`; `num_samples` is the
+        whole pass's, also when `block` is a part of it.
+      block: (start, stop): only samples start..stop-1 of the pass, the source already at `start` (a shard,
+        calibrate/shards.py); default the whole pass.
+    """
     names = rewritten.quant_points
+    n_out = len(rewritten.model.outputs)
     observers = {n: make_observer(scheme.activations) for n in names}
+    first, stop = block or (0, num_samples)
 
     @tf.function(reduce_retracing=True)
     def run(inputs):
         return rewritten.float_model(inputs, training=False)
 
-    auto = scheme.activations.method == "auto" and bool(names) and num_samples >= 2
-    # "auto": the candidates are judged on held-out samples, the last ones: `snapshot` holds the observers
-    # as they were before them (ranges from the first samples only), `kept` the held-out inputs and outputs.
+    auto = _auto(rewritten, scheme, num_samples)
+    # "auto": the candidates are judged on held-out samples, the last ones: `before` holds the observers as
+    # they were before them (ranges from the first samples only), `kept` the held-out inputs.
     cut = _holdout_start(num_samples, batch_size) if auto else num_samples
-    snapshot, kept_inputs, kept_outputs = None, [], []
-    bar = _progress(num_samples, progress)
-    seen = 0
-    for batch in source.take(num_samples, batch_size):
+    before = copy.deepcopy(observers) if auto and first >= cut else None
+    kept = []
+    bar = _progress(stop - first, progress)
+    seen = first
+    for batch in source.take(stop - first, batch_size):
         outputs = run(batch if len(batch) > 1 else batch[0])
         outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         size = batch[0].shape[0]
         split = min(max(cut - seen, 0), size) if auto else size  # rows of this batch before the cut
-        for name, tensor in zip(names, outputs[n_out:]):
-            tensor = tensor.numpy()
+        tensors = [t.numpy() for t in outputs[n_out:]]
+        for name, tensor in zip(names, tensors):
             observers[name].update(tensor if split in (0, size) else tensor[:split])
-        if auto and snapshot is None and seen + split >= cut:
-            snapshot = copy.deepcopy(observers)
+        if auto and before is None and seen + split >= cut:
+            before = copy.deepcopy(observers)
             if 0 < split < size:
-                for name, tensor in zip(names, outputs[n_out:]):
-                    observers[name].update(tensor.numpy()[split:])
+                for name, tensor in zip(names, tensors):
+                    observers[name].update(tensor[split:])
         if auto and seen + size > cut:
-            kept_inputs.append([np.asarray(x[split:]) for x in batch])
-            kept_outputs.append([t.numpy()[split:] for t in outputs[:n_out]])
+            kept.append([np.asarray(x[split:]) for x in batch])
         seen += size
         bar.update(size)
     bar.close()
+    if auto and before is None:  # a part that ends before the held-out samples
+        before = copy.deepcopy(observers)
+    holdout = [np.concatenate([b[i] for b in kept]) for i in range(len(kept[0]))] if kept else None
+    return Observed(observers, before, holdout, seen - first)
+
+
+def assign(rewritten, observed: Observed, scheme: QuantScheme, progress: bool = True,
+           seconds: float = 0.0) -> Calibration:
+    """Chooses every range from what was observed (for "auto", measuring on the held-out samples) and sets it
+    on `rewritten.model`."""
+    names = rewritten.quant_points
     groups = _tie_groups(rewritten.tied_points)
+    start = time.perf_counter()
     selection = None
-    if auto:
-        chosen, selection = _select(rewritten, observers, snapshot, groups, kept_inputs, kept_outputs, scheme,
-                                    progress)
+    if observed.before_holdout is not None and observed.holdout_inputs is not None:
+        chosen, selection = _select(rewritten, observed, groups, scheme, progress)
     else:
-        chosen = _tied({name: observers[name].range() for name in names}, groups)
+        chosen = _tied({name: observed.observers[name].range() for name in names}, groups)
     ranges = {}
     for name in names:
         layer = rewritten.model.get_layer(name)
@@ -104,7 +166,8 @@ def calibrate(rewritten, source: Source, num_samples: int, scheme: QuantScheme, 
         ranges[name] = layer.get_range()
     for name in rewritten.fixed_points:
         ranges[name] = rewritten.model.get_layer(name).get_range()
-    return Calibration(ranges, seen, time.perf_counter() - start, scheme.activations.method, selection)
+    return Calibration(ranges, observed.samples, seconds + time.perf_counter() - start,
+                       scheme.activations.method, selection)
 
 
 def _tied(chosen: dict, groups) -> dict:
@@ -138,18 +201,30 @@ def _units(names, candidates, groups) -> list:
     return units
 
 
-def _select(rewritten, observers, snapshot, groups, kept_inputs, kept_outputs, scheme, progress):
+def _select(rewritten, observed: Observed, groups, scheme, progress):
     """The "auto" choice: per unit (a quantizer or a tie group), min/max or MSE, whichever gives the lower
     output error on the held-out samples with ranges from the samples before them; the chosen method's
     range from all the samples is then assigned."""
     names = rewritten.quant_points
-    held_out = _units(names, {n: snapshot[n].candidates() for n in names}, groups)
-    inputs = [np.concatenate([b[i] for b in kept_inputs]) for i in range(len(kept_inputs[0]))]
-    references = [np.concatenate([b[i] for b in kept_outputs]) for i in range(len(kept_outputs[0]))]
+    held_out = _units(names, {n: observed.before_holdout[n].candidates() for n in names}, groups)
+    inputs = observed.holdout_inputs
+    references = _float_outputs(rewritten, inputs)
     selection = select.select_ranges(rewritten, inputs, references, held_out, scheme.activations.bits,
                                      max_seconds=SELECTION_SECONDS, z=SELECTION_Z, progress=progress)
-    full = _units(names, {n: observers[n].candidates() for n in names}, groups)
+    full = _units(names, {n: observed.observers[n].candidates() for n in names}, groups)
     return {n: u.ranges[selection.choice[n]] for u in full for n in u.names}, selection
+
+
+def _float_outputs(rewritten, inputs: list, batch_size: int = 64) -> list:
+    """The float twin's model outputs on `inputs`."""
+    n_out = len(rewritten.model.outputs)
+    parts = []
+    for i in range(0, len(inputs[0]), batch_size):
+        batch = [x[i:i + batch_size] for x in inputs]
+        out = rewritten.float_model(batch if len(batch) > 1 else batch[0], training=False)
+        out = out if isinstance(out, (list, tuple)) else [out]
+        parts.append([t.numpy() for t in out[:n_out]])
+    return [np.concatenate([p[i] for p in parts]) for i in range(n_out)]
 
 
 class _NoBar:
