@@ -46,6 +46,9 @@ class PTQResult:
         as measured for `comparisons` (so later tools need not run the models again).
       per_output: output name -> the comparisons of that output, for every output, each against its own
         float twin (in the model's output order, which is also the file's).
+      requested_float: layer name -> the scheme key that keeps it float (`schemes.LayerChoices`), for every
+        layer the scheme asked for; which of them the file computes in float is `float_layers`' to say
+        (see `float_report`).
     """
 
     tflite: bytes
@@ -61,6 +64,25 @@ class PTQResult:
     seconds: dict
     outputs: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
     per_output: dict = dataclasses.field(default_factory=dict)
+    requested_float: dict = dataclasses.field(default_factory=dict)
+
+    def float_report(self) -> list:
+        """What the written file computes in float, as lines: the layers kept float because the scheme asks
+        (with its key), the layers left float for other reasons, and asked ones the file runs in integer."""
+        asked = [n for n in self.float_layers if n in self.requested_float]
+        other = [n for n in self.float_layers if n not in self.requested_float]
+        integer = [n for n in self.requested_float if n not in self.float_layers]
+        lines = []
+        if asked:
+            lines.append("kept float as the scheme asks: " + ", ".join(f"{n} ({self.requested_float[n]})"
+                                                                      for n in asked))
+        if other:
+            lines.append(f"left in float{' (not asked by the scheme)' if self.requested_float else ''}: "
+                         + ", ".join(other))
+        if integer:
+            lines.append("asked float by the scheme but computed in integer in the file (the converter quantized "
+                         "them: an int8 kernel that keeps its input's scale): " + ", ".join(integer))
+        return lines
 
     def table(self) -> str:
         """The verification table; one per output (named, with its task) when the model has several."""
@@ -80,6 +102,7 @@ class PTQResult:
             "comparisons": {k: v.to_dict() for k, v in self.comparisons.items()},
             "per_output": {o: {k: v.to_dict() for k, v in c.items()} for o, c in self.per_output.items()},
             "folded": list(self.folded), "float_layers": list(self.float_layers), "seconds": self.seconds,
+            "requested_float": dict(self.requested_float),
         }
 
 
@@ -144,20 +167,29 @@ def ptq(model: Any, calibration_data: Any = None, scheme: Any = "int8", output: 
     data, path, notes, rewritten = _export(prepared, io_dtype, log, seconds)
     inspection = export.inspect(data)
     float_layers = _float_layers(prepared, rewritten, inspection)
+    requested = dict(rewritten.requested_float) if rewritten is not None else {}
     if strict and float_layers:
+        asked = [n for n in float_layers if n in requested]
         raise UnquantizableLayersError(
             f"--strict: the {prepared.scheme.name} file computes in float in {len(float_layers)} place(s): "
-            f"{', '.join(float_layers)}; nothing was written (keep them float by dropping --strict, or see "
-            "docs/coverage.md for what converts fully integer)")
+            + ", ".join(n + (f" (kept float by the scheme: {requested[n]})" if n in requested else "")
+                        for n in float_layers)
+            + "; nothing was written (" + ("drop the scheme's layers.float_* keys or --strict" if asked else
+                                           "keep them float by dropping --strict")
+            + ", or see docs/coverage.md for what converts fully integer)")
     t3 = time.perf_counter()
     comparisons, outputs, per_output = _verify(prepared, data, rewritten, labels, output_tasks, metrics)
     seconds["verify"] = time.perf_counter() - t3
     if output:
         export.write_atomic(output, data)
     seconds["total"] = time.perf_counter() - t0 + (prepared.seconds["total"] if already else 0.0)
-    return PTQResult(data, output, prepared.scheme, path, tuple(notes), inspection,
-                     prepared.calibration if rewritten is not None else None, comparisons,
-                     tuple(rewritten.folded) if rewritten else (), float_layers, seconds, outputs, per_output)
+    result = PTQResult(data, output, prepared.scheme, path, tuple(notes), inspection,
+                       prepared.calibration if rewritten is not None else None, comparisons,
+                       tuple(rewritten.folded) if rewritten else (), float_layers, seconds, outputs, per_output,
+                       requested)
+    # The scheme's float layers in the notes too, so that every report that prints notes shows them.
+    asked = [line for line in result.float_report() if not line.startswith("left in float")]
+    return dataclasses.replace(result, notes=result.notes + tuple(asked)) if asked else result
 
 
 def _float_layers(prepared: Prepared, rewritten, facts) -> tuple:

@@ -167,6 +167,11 @@ def prepare(model: Any, calibration_data: Any, scheme: Any = "int8", *,
     fake_quant = quantizes_activations and scheme.activations.bits != 16
     converter_calibrates = keras_model is None or (scheme.activations is not None and not fake_quant)
     do_rewrite = fake_quant or (quantizes_activations and layerwise)
+    if scheme.layers.any and not do_rewrite:
+        from qtoolkit.errors import SchemeError
+
+        raise SchemeError(f"scheme {scheme.name!r}: layers.float_* keep layers out of qtoolkit's rewrite of a Keras "
+                          "model; this model has none (it is converted by the TFLite converter itself): drop the keys")
     keep = converter_calibrates or (do_rewrite and algorithms.needs_data(scheme.algorithms))
     cal_inputs = source.collect(n_cal) if keep else None
     rewritten = calibration = None

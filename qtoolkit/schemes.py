@@ -10,6 +10,8 @@ A scheme is plain data (frozen dataclasses), loaded from YAML files in
     >>> s2 = schemes.load("my_scheme.yaml")            # or a file  # doctest: +SKIP
     >>> schemes.QuantScheme.from_dict(s.to_dict()) == s
     True
+    >>> s.replace(layers={"float_types": ["LayerNormalization"]}).layers.float_types
+    ('LayerNormalization',)
 
 Every error is a `SchemeError` naming the file, the key and what is allowed.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Mapping, Optional
 
 import yaml
@@ -113,6 +116,74 @@ class Algorithms:
         return tuple(name for name in ALGORITHM_NAMES if on[name])
 
 
+# What the int16_* keys of `layers` get: TFLite can run int8 and int16x8 ops in one file, but neither of the
+# converter's paths writes that mix (measured, docs/design.md "Layers kept float or 16-bit").
+INT16_UNAVAILABLE = (
+    "16-bit activations for chosen layers are not available: the TFLite converter's fake-quant path drops the "
+    "requantization between an int8 and an int16 tensor (it wrote a FULLY_CONNECTED with an int8 input and an "
+    "int16 output, which LiteRT computes as zeros), and its int16x8 mode calibrates the whole model itself "
+    "(it refuses fake-quant graphs); keep these layers float with layers.float_names / float_pattern / "
+    "float_types, or quantize the whole model with the int16x8 scheme (see docs/design.md)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerChoices:
+    """Layers the user keeps out of int8, by name, name pattern or Keras class; all empty by default.
+
+    A layer kept float is left as the model has it (not folded, fused or lowered to int8 ops): TFLite runs it
+    in float between a DEQUANTIZE and a QUANTIZE. The report names it as kept float *because the scheme asks*
+    (read from the written file), and `--strict` still fails on it, naming the key. Every name, the pattern
+    and every type must match a layer of the model: one that matches none is a SchemeError naming it and the
+    model's layers (a typo would otherwise quantize the layer the user meant to keep float).
+
+        layers:
+          float_names: [head]                 # exact layer names ("outer/inner" inside a nested model)
+          float_pattern: "fc[0-9]+"           # a regular expression matched against whole layer names
+          float_types: [LayerNormalization]   # Keras class names
+
+    Attributes:
+      float_names: layer names kept float.
+      float_pattern: a regular expression (re.fullmatch) on layer names; "" for none.
+      float_types: Keras layer class names (type(layer).__name__) kept float.
+      int16_names, int16_pattern, int16_types: 16-bit activations for chosen layers; refused with the reason
+        (INT16_UNAVAILABLE): TFLite's converter cannot write int8 and int16x8 ops into one file.
+    """
+
+    float_names: tuple = ()
+    float_pattern: str = ""
+    float_types: tuple = ()
+    int16_names: tuple = ()
+    int16_pattern: str = ""
+    int16_types: tuple = ()
+
+    @property
+    def any(self) -> bool:
+        """Whether any layer is asked to leave int8."""
+        return any(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def float_key(self, name: str, type_name: str) -> Optional[str]:
+        """The key (and the value that matched) keeping layer `name` of class `type_name` float, or None."""
+        if name in self.float_names:
+            return f"layers.float_names {name}"
+        if self.float_pattern and re.fullmatch(self.float_pattern, name):
+            return f"layers.float_pattern {self.float_pattern!r}"
+        if type_name in self.float_types:
+            return f"layers.float_types {type_name}"
+        return None
+
+    def unmatched(self, names, type_names) -> list:
+        """The keys whose value matches none of the layers `names` / classes `type_names`: ["key value"]."""
+        names, type_names = list(names), set(type_names)
+        missing = [f"layers.float_names {n}" for n in self.float_names if n not in names]
+        if self.float_pattern and not any(re.fullmatch(self.float_pattern, n) for n in names):
+            missing.append(f"layers.float_pattern {self.float_pattern!r}")
+        return missing + [f"layers.float_types {t}" for t in self.float_types if t not in type_names]
+
+    def to_dict(self) -> dict:
+        return {f.name: list(v) if isinstance(v, tuple) else v
+                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantScheme:
     """A whole scheme. `activations` is None for weight-only quantization.
@@ -122,6 +193,8 @@ class QuantScheme:
       description: one line for humans.
       weights: WeightQuant.
       activations: ActivationQuant, or None (weights only, float activations).
+      algorithms: Algorithms (post-training algorithms).
+      layers: LayerChoices (layers the user keeps float).
     """
 
     name: str = "custom"
@@ -129,6 +202,7 @@ class QuantScheme:
     weights: WeightQuant = WeightQuant()
     activations: Optional[ActivationQuant] = ActivationQuant()
     algorithms: Algorithms = Algorithms()
+    layers: LayerChoices = LayerChoices()
 
     @property
     def weight_only(self) -> bool:
@@ -137,7 +211,9 @@ class QuantScheme:
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (YAML-ready) that `from_dict` turns back into the scheme."""
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["layers"] = self.layers.to_dict()  # lists, not tuples: YAML's safe dumper has no tuples
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> "QuantScheme":
@@ -161,6 +237,7 @@ class QuantScheme:
             weights=WeightQuant(**_fields(WeightQuant, weights, source, "weights.")),
             activations=None if acts is None else ActivationQuant(**_fields(ActivationQuant, acts, source, "activations.")),
             algorithms=Algorithms(**_fields(Algorithms, top.get("algorithms", {}), source, "algorithms.")),
+            layers=_layer_choices(top.get("layers", {}), source),
         )
         validate(scheme, source)
         return scheme
@@ -176,7 +253,7 @@ class QuantScheme:
         """
         data = self.to_dict()
         for section, values in sections.items():
-            if section not in ("weights", "activations", "algorithms"):
+            if section not in ("weights", "activations", "algorithms", "layers"):
                 data[section] = values
             elif data.get(section) is None:
                 raise SchemeError(f"scheme {self.name!r} has no {section} to override")
@@ -196,6 +273,12 @@ def _fields(cls, data: Any, source: str, prefix: str) -> dict[str, Any]:
         raise SchemeError(f"{source}: unknown key {prefix}{unknown[0]!s}; allowed keys are "
                           f"{', '.join(prefix + a for a in allowed)}")
     return dict(data)
+
+
+def _layer_choices(data: Any, source: str) -> LayerChoices:
+    """The `layers` section, its lists as tuples (checked by `validate`)."""
+    fields = _fields(LayerChoices, data if data is not None else {}, source, "layers.")
+    return LayerChoices(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def _typed(value: Any, kind: type, source: str, key: str) -> Any:
@@ -224,6 +307,7 @@ def validate(scheme: QuantScheme, source: str = "<scheme>") -> None:
     """Raises SchemeError if a field has the wrong type or an unsupported value."""
     _check_section(scheme.weights, source, "weights.")
     _check_algorithms(scheme, source)
+    _check_layers(scheme, source)
     acts = scheme.activations
     if acts is None:
         return
@@ -265,6 +349,31 @@ def _check_algorithms(scheme: QuantScheme, source: str) -> None:
                           "they do not apply to weight-only or int16x8 schemes")
     if algo.adaround and not scheme.weights.symmetric:
         raise SchemeError(f"{source}: algorithms.adaround needs weights.symmetric: true")
+
+
+def _check_layers(scheme: QuantScheme, source: str) -> None:
+    choices = scheme.layers
+    for kind in ("float", "int16"):
+        for key in (f"{kind}_names", f"{kind}_types"):
+            value = getattr(choices, key)
+            if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) and v for v in value):
+                raise SchemeError(f"{source}: layers.{key} must be a list of {key[len(kind) + 1:]} (strings), "
+                                  f"got {value!r}; e.g. {key}: [{'LayerNormalization' if 'types' in key else 'fc1'}]")
+        pattern = getattr(choices, f"{kind}_pattern")
+        if not isinstance(pattern, str):
+            raise SchemeError(f"{source}: layers.{kind}_pattern must be a regular expression (a string), "
+                              f"got {pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise SchemeError(f"{source}: layers.{kind}_pattern {pattern!r} is not a valid regular expression "
+                              f"({e}); e.g. \"fc[0-9]+\" matches fc1, fc2, ...") from None
+    asked16 = [f"int16_{k}" for k in ("names", "pattern", "types") if getattr(choices, f"int16_{k}")]
+    if asked16:
+        raise SchemeError(f"{source}: layers.{asked16[0]}: {INT16_UNAVAILABLE}")
+    if choices.any and (scheme.activations is None or scheme.activations.bits == 16):
+        raise SchemeError(f"{source}: layers.float_* keep layers out of qtoolkit's int8 rewrite; they do not apply "
+                          "to weight-only or int16x8 schemes, which the TFLite converter quantizes itself")
 
 
 def preset_names() -> list[str]:

@@ -256,9 +256,11 @@ def _place_output_quantizers(ctx: BuildContext, step: Step, output_range: str, o
     for tid, t in zip(last.outputs, outs):
         needs_range = output_range == OWN
         if output_range == READERS:
-            # TFLite quantizes a float op's output where an int8 op reads it.
+            # TFLite quantizes a float op's output where an int8 op reads it; a one-op layer the scheme keeps
+            # float gets no range: with one, the converter would run it in int8 (ops.one_int8_op).
             readers = [ctx.step_of.get(id(c)) for c in ctx.consumers.get(tid, [])]
-            needs_range = any(r is not None and r.kind != "float" for r in readers)
+            needs_range = any(r is not None and r.kind != "float" for r in readers) \
+                and not (step.requested and ops.one_int8_op(node.layer))
         if needs_range and ctx.acts is not None and t.dtype.is_floating:
             t = ctx.quant_point(t, node.name, step.fixed_range)
             if ctx.tie is not None:

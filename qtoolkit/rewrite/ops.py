@@ -132,6 +132,18 @@ def is_quantized(layer, act: Optional[str]) -> bool:
         or getattr(layer, "symbol", None) in QUANTIZED_TF_OPS
 
 
+def one_int8_op(layer) -> bool:
+    """Whether TFLite runs `layer` as one op with an int8 kernel (Conv/Dense, Add, an activation, a reshape...).
+
+    The converter's fake-quant path quantizes such an op whenever its input and output both carry a range,
+    whatever the Keras graph says: a layer the scheme keeps float (schemes.LayerChoices) stays float only
+    when its output has no range of its own (build.py).
+    """
+    act = "softmax" if isinstance(layer, L.Softmax) else activation_name(layer)
+    return conv_kind(layer) is not None or is_quantized(layer, act) or is_same_scale(layer) \
+        or isinstance(layer, (L.Softmax, L.Activation))
+
+
 # L2_NORMALIZATION's int8 output: scale 1/128, zero point 0 (TFLite requires it).
 L2_NORMALIZATION_RANGE = (-1.0, 127 / 128)
 # The widest normalized axis a LayerNormalization is lowered with L2_NORMALIZATION; wider ones with RSQRT

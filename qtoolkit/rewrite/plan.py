@@ -22,6 +22,7 @@ from qtoolkit.rewrite import graph as g
 from qtoolkit.rewrite import ops
 from qtoolkit.rewrite.avgpool import avgpool_as_depthwise
 from qtoolkit.rewrite.fold import affine_params, constant_add, constant_multiply, is_affine, is_channel_last_bn
+from qtoolkit.errors import SchemeError
 from qtoolkit.schemes import QuantScheme
 
 L = keras.layers
@@ -36,7 +37,7 @@ class Step:
         affine (per-channel scale and offset), pre_affine (an affine folded
         into the next conv), quantized (own output range), fixed (range TFLite
         fixes), swish, avgpool, same_scale (input's range), identity, or
-        float (kept as is).
+        float (kept as is: no rewrite for it, or the scheme's `layers` keys ask).
       node: the node the step starts at.
       absorbed: the following nodes folded into it, in order.
       activation: the fused activation; "?" for one the conv cannot fuse.
@@ -44,6 +45,8 @@ class Step:
       affine: (scale, offset) of an affine step that is not a layer's own.
       pre_affine: (scale, offset) per input channel folded into a conv.
       into: the conv a pre_affine step is folded into.
+      requested: for a float step the scheme asked for, the key and value that asked
+        ("layers.float_types LayerNormalization"); else None.
     """
 
     kind: str
@@ -54,6 +57,7 @@ class Step:
     affine: Optional[tuple] = None
     pre_affine: Optional[tuple] = None
     into: Optional[str] = None
+    requested: Optional[str] = None
 
 
 def _affine_target(step: Step, nxt, single_consumer):
@@ -95,16 +99,22 @@ def plan(graph: g.Graph, scheme: QuantScheme, fold_affine: bool = True) -> list[
 
     Returns:
       The steps in graph order; absorbed nodes have no step of their own.
+
+    Raises:
+      SchemeError: a name, the pattern or a type of the scheme's `layers` keys matches no layer.
     """
     pre_affine: dict[int, tuple] = {}
     consumers = graph.consumers()
     outputs = set(graph.outputs)
     absorbed: set[int] = set()
     steps = []
+    requested = requested_float(graph, scheme)
 
     def single_consumer(tensor):
+        # A layer the user keeps float is never folded into the step before it.
         users = consumers.get(tensor, [])
-        return users[0] if len(users) == 1 and tensor not in outputs else None
+        one = users[0] if len(users) == 1 and tensor not in outputs else None
+        return None if one is None or id(one) in requested else one
 
     def absorb(step, node):
         step.absorbed.append(node)
@@ -116,7 +126,9 @@ def plan(graph: g.Graph, scheme: QuantScheme, fold_affine: bool = True) -> list[
             continue
         layer = node.layer
         kind = ops.conv_kind(layer)
-        if kind and len(node.inputs) == 1 and len(node.outputs) == 1:
+        if id(node) in requested:
+            steps.append(Step("float", node, requested=requested[id(node)]))
+        elif kind and len(node.inputs) == 1 and len(node.outputs) == 1:
             step = Step("fused", node, activation=getattr(layer.activation, "__name__", "?"))
             if step.activation not in ops.FUSABLE_ACTIVATIONS:
                 if step.activation in ops.FIXED_RANGE_8BIT and fixed_8bit:
@@ -188,6 +200,34 @@ def plan(graph: g.Graph, scheme: QuantScheme, fold_affine: bool = True) -> list[
         if step.kind == "fused" and id(step.node) in pre_affine:
             step.pre_affine = pre_affine[id(step.node)]
     return steps
+
+
+def requested_float(graph: g.Graph, scheme: QuantScheme) -> dict:
+    """id(node) -> the scheme key keeping it float (`schemes.LayerChoices`), for every node it names.
+
+    A node matches by its flat name ("outer/inner" in a nested model), its layer's own name, or its class.
+
+    Raises:
+      SchemeError: a key's value matches no layer (named, with the model's layers).
+    """
+    choices = scheme.layers
+    if not choices.any:
+        return {}
+    names = [n.name for n in graph.nodes] + [n.layer.name for n in graph.nodes]
+    types = [type(n.layer).__name__ for n in graph.nodes]
+    missing = choices.unmatched(names, types)
+    if missing:
+        listed = ", ".join(f"{n.name} ({type(n.layer).__name__})" for n in graph.nodes[:60])
+        more = f" and {len(graph.nodes) - 60} more" if len(graph.nodes) > 60 else ""
+        raise SchemeError(f"scheme {scheme.name!r}: {'; '.join(missing)}: matches no layer of the model; its "
+                          f"layers are {listed}{more}")
+    found = {}
+    for node in graph.nodes:
+        key = choices.float_key(node.name, type(node.layer).__name__) or \
+            choices.float_key(node.layer.name, type(node.layer).__name__)
+        if key is not None:
+            found[id(node)] = key
+    return found
 
 
 def _output_step(node: g.Node, fixed_8bit: bool, single_consumer, absorb) -> Step:

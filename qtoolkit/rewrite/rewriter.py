@@ -47,7 +47,9 @@ class Rewritten:
       quant_points: calibrated QuantizeActivation layer names, in float_model's extra-output order.
       fixed_points: names of quantizers with a range TFLite fixes (not calibrated).
       folded: one line per fused pattern, e.g. "conv1+bn1+relu1".
-      float_layers: names of the layers left in float.
+      float_layers: names of the layers left in float (also those the scheme keeps float).
+      requested_float: layer name -> the scheme key that keeps it float ("layers.float_types Dense"), in
+        graph order (see schemes.LayerChoices).
       tied_points: (a, b) quantizer names that calibration gives one range,
         the union of what each observes (transitively): an average pooling's
         window and its count-corrected output (equal scales make the MUL exact
@@ -65,6 +67,7 @@ class Rewritten:
     folded: list[str]
     float_layers: list[str]
     tied_points: list = dataclasses.field(default_factory=list)
+    requested_float: dict = dataclasses.field(default_factory=dict)
 
 
 def rewrite(model, scheme: QuantScheme, strict: bool = False, qat: bool = False,
@@ -84,15 +87,23 @@ def rewrite(model, scheme: QuantScheme, strict: bool = False, qat: bool = False,
     Raises:
       graph.UnsupportedModelError: the model cannot be flattened.
       UnquantizableLayersError: strict and some layers would stay float (all named).
+      SchemeError: the scheme's `layers` keys name a layer the model does not have.
     """
     flat = g.flatten(model)
     steps = plan(flat, scheme, fold_affine=not qat)
     float_steps = [s for s in steps if s.kind == "float"]
     float_names = [s.node.name for s in float_steps]
+    requested = {s.node.name: s.requested for s in float_steps if s.requested}
     if float_names and strict:
         raise UnquantizableLayersError(
-            f"{len(float_names)} layer(s) cannot be quantized and would stay float: {', '.join(float_names)}")
+            f"{len(float_names)} layer(s) cannot be quantized and would stay float: "
+            + ", ".join(n + (f" (kept float by the scheme: {requested[n]})" if n in requested else "")
+                        for n in float_names))
     for s in float_steps:
+        if s.requested:
+            log.info("layer %s (%s) is kept float as the scheme asks (%s)", s.node.name,
+                     type(s.node.layer).__name__, s.requested)
+            continue
         log.warning("layer %s (%s) has no qtoolkit rewrite: it is kept as is and unquantized in the simulation; "
                     "TFLite runs it in int8 only if it has an int8 kernel for it (see the float ops of the "
                     "inspection)", s.node.name, type(s.node.layer).__name__)
@@ -108,4 +119,5 @@ def rewrite(model, scheme: QuantScheme, strict: bool = False, qat: bool = False,
     object.__setattr__(qmodel, "_qtoolkit_output_names", tuple(model.output_names))
     folded = ["+".join([s.node.name, *(a.name for a in s.absorbed)]) + (f" into {s.into}" if s.into else "")
               for s in steps if s.absorbed or s.into]
-    return Rewritten(qmodel, float_model, [n for n in names if n not in fixed], fixed, folded, float_names, ties)
+    return Rewritten(qmodel, float_model, [n for n in names if n not in fixed], fixed, folded, float_names, ties,
+                     requested)
