@@ -34,8 +34,9 @@ from qtoolkit.errors import QtoolkitError
 MODEL = flags.DEFINE_string("model", None, "SavedModel folder, .keras or .h5 file (tf_keras / Keras 2).")
 CALIBRATION = flags.DEFINE_string(
     "calibration_data", None,
-    ".npy (samples on axis 0, preprocessed as the model expects), .npz (one array per input name) "
-    "or a folder of images.")
+    ".npy (samples on axis 0, preprocessed as the model expects), .npz (one array per input name), "
+    "a folder of images, or TFRecord files of tf.train.Examples with a feature per input name (calib.tfrecord, "
+    "or a quoted glob such as 'calib-*.tfrecord'; streamed).")
 SCHEME = flags.DEFINE_string("scheme", "int8", f"Preset name ({', '.join(schemes.preset_names())}) "
                              "or a scheme .yaml file.")
 OUTPUT = flags.DEFINE_string("output", None, "Where to write the result: the .tflite file (convert, atomically) "
@@ -43,6 +44,14 @@ OUTPUT = flags.DEFINE_string("output", None, "Where to write the result: the .tf
                              "regression_report).")
 NUM_CALIBRATION = flags.DEFINE_integer(
     "num_calibration_samples", None, "Calibration samples (default: up to 500, leaving the verification samples).")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Calibration batch size.")
+RANGE_METHOD = flags.DEFINE_enum("range_method", None, list(schemes.RANGE_METHODS),
+                                 "Override the scheme's activation range method.")
+MERGE_CALIBRATION = flags.DEFINE_list(
+    "merge_calibration", None, "Calibration parts (.npz, comma-separated) written by `python -m qtoolkit.calibrate "
+    "--calibration_shard i/n`, one per shard (or parts already merged): their merged ranges are used instead of a "
+    "calibration pass, the same ranges one pass over those samples gives; give the --calibration_data, "
+    "--num_calibration_samples, --scheme and --batch_size the shards were given.")
 UNSAFE = flags.DEFINE_bool("allow_unsafe_deserialization", False,
                            "Allow models with serialized Python code (Lambda layers). Only for trusted files.")
 CUSTOM_OBJECTS = flags.DEFINE_string(
@@ -73,6 +82,17 @@ def require(argv, *required) -> None:
     missing = [f"--{f.name}" for f in required if not f.value]
     if missing:
         raise app.UsageError(f"missing required flag(s): {', '.join(missing)}")
+
+
+def pair(text: str, name: str, cast):
+    """Two numbers from a flag's text, "224x224" (cast int) or "0,1" (cast float); UsageError naming the flag."""
+    from qtoolkit.errors import UsageError
+
+    try:
+        a, b = text.replace("x", ",").split(",")
+        return cast(a), cast(b)
+    except ValueError:
+        raise UsageError(f"--{name} must look like {'224x224' if cast is int else '0,1'}, got {text!r}") from None
 
 
 def run(body: Callable[[], int | None], error_code: int = 1,

@@ -30,6 +30,7 @@ from qtoolkit.errors import UsageError  # noqa: F401  (raised here; defined with
 flags.adopt_module_key_flags(_cli)  # shown in this tool's --help
 _MODEL, _OUTPUT, _CALIBRATION, _SCHEME = _cli.MODEL, _cli.OUTPUT, _cli.CALIBRATION, _cli.SCHEME
 _NUM_CAL, _UNSAFE, _VERBOSE = _cli.NUM_CALIBRATION, _cli.UNSAFE, _cli.VERBOSE
+_RANGE, _BATCH, _MERGE = _cli.RANGE_METHOD, _cli.BATCH_SIZE, _cli.MERGE_CALIBRATION
 _REPORT = flags.DEFINE_string("report", None, "Write the inspection and verification report as JSON here.")
 _NUM_VER = flags.DEFINE_integer("num_verification_samples", None,
                                 "Held-out samples for verification (default: up to 200, after the calibration ones).")
@@ -48,10 +49,7 @@ _TASKS = flags.DEFINE_string(
     "at every position: per sample, pixel or anchor), regression (SQNR and errors only) or auto (classification "
     "when the last axis has > 1 value; the default). One task for all outputs, or per output: boxes=regression,"
     "classes=classification.")
-_RANGE = flags.DEFINE_enum("range_method", None, ["auto", "minmax", "ema", "percentile", "mse", "entropy"],
-                           "Override the scheme's activation range method.")
 _IO = flags.DEFINE_enum("io_dtype", "int8", ["int8", "uint8", "float32"], "Model input/output dtype.")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "Calibration batch size.")
 _STRICT = flags.DEFINE_bool("strict", False, "Fail if the written file computes anything in float, or if the quantized model "
                             "leaves ops outside the XNNPACK delegate or is slower than the float model.")
 _IMAGE_SIZE, _IMAGE_SCALE = _cli.IMAGE_SIZE, _cli.IMAGE_SCALE  # image folders (shared with the debugger)
@@ -102,26 +100,19 @@ def _per_output_choice(text, names, flag, choices):
     return chosen
 
 
-def _pair(text, name, cast):
-    try:
-        a, b = text.replace("x", ",").split(",")
-        return cast(a), cast(b)
-    except ValueError:
-        raise UsageError(f"--{name} must look like {'224x224' if cast is int else '0,1'}, got {text!r}") from None
-
-
 def run(model: str, output: str, calibration_data: str, scheme: str = "int8", report: str | None = None,
         num_calibration_samples=None, num_verification_samples=None, verification_data=None, labels=None,
         range_method=None, io_dtype="int8", batch_size=32, strict=False, image_size=None, image_scale="0,1",
         allow_unsafe=False, out=None, budget_max_accuracy_drop=None, budget_min_sqnr=None, benchmark=False,
         benchmark_runs=100, algorithms=None, image_mean=None, image_std=None, image_resize="stretch",
-        custom_objects=None, output_tasks=None, output_metrics=None):
+        custom_objects=None, output_tasks=None, output_metrics=None, merge_calibration=None):
     """Runs the conversion (what the command line does); returns the PTQResult.
 
     `algorithms` overrides keys of the scheme's algorithms section, e.g.
     {"cle": True, "bias_correction": "empirical"}.  `image_size`, `image_scale`,
     `image_mean`, `image_std` and `image_resize` (the flags' text) apply to a
-    folder of images (see `calibrate.ImagePreprocessing`).
+    folder of images (see `calibrate.ImagePreprocessing`).  `merge_calibration`: the
+    calibration parts of every shard (paths), merged instead of a calibration pass.
 
     Raises the toolkit's errors (see pipeline.ptq); `main` turns them into one line.
     """
@@ -140,7 +131,7 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
                 y = {k: y[k] for k in y.files}
         except (OSError, ValueError) as e:
             raise UsageError(f"--labels {labels}: cannot read ({str(e).splitlines()[0]})") from None
-    size = _pair(image_size, "image_size", int) if image_size else None
+    size = _cli.pair(image_size, "image_size", int) if image_size else None
     if budget_max_accuracy_drop is not None and not isinstance(y, np.ndarray):
         raise UsageError("--budget_max_accuracy_drop needs --labels (a .npy of the first output's labels)")
     if budget_max_accuracy_drop is not None and budget_min_sqnr is not None:
@@ -158,8 +149,9 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
         model, calibration_data, scheme, num_calibration_samples=num_calibration_samples,
         num_verification_samples=num_verification_samples, verification_data=verification_data,
         range_method=range_method, batch_size=batch_size, strict=strict, image_size=size,
-        image_scale=_pair(image_scale, "image_scale", float), image_mean=image_mean, image_std=image_std,
-        image_resize=image_resize, allow_unsafe=allow_unsafe, custom_objects=custom_objects, log=log)
+        image_scale=_cli.pair(image_scale, "image_scale", float), image_mean=image_mean, image_std=image_std,
+        image_resize=image_resize, allow_unsafe=allow_unsafe, custom_objects=custom_objects, log=log,
+        calibration_parts=merge_calibration or None)
     result = pipeline.ptq(prepared, labels=y, io_dtype=io_dtype, strict=strict, log=log,
                           output_tasks=_per_output_choice(output_tasks, prepared.output_names, "output_tasks",
                                                           verify.TASKS),
@@ -179,7 +171,8 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
         print(f"left in float: {', '.join(result.float_layers)}", file=out)
     if result.calibration:
         c = result.calibration
-        print(f"calibrated {len(c.ranges)} activation ranges ({c.method}) on {c.samples} samples "
+        how = f" (merged from {c.shards} shards' parts)" if c.shards else ""
+        print(f"calibrated {len(c.ranges)} activation ranges ({c.method}) on {c.samples} samples{how} "
               f"in {c.seconds:.1f} s", file=out)
     print(result.inspection.summary(), file=out)
     runtime_report = _runtime_report(prepared.loaded, result, benchmark, benchmark_runs, strict, out)
@@ -256,7 +249,8 @@ def _run_from_flags():
             budget_max_accuracy_drop=_BUDGET_DROP.value, budget_min_sqnr=_BUDGET_SQNR.value,
             benchmark=_BENCHMARK.value, benchmark_runs=_BENCHMARK_RUNS.value, algorithms=_algorithm_flags(),
             image_mean=_IMAGE_MEAN.value, image_std=_IMAGE_STD.value, image_resize=_IMAGE_RESIZE.value,
-            custom_objects=_cli.CUSTOM_OBJECTS.value, output_tasks=_TASKS.value, output_metrics=_METRICS.value)
+            custom_objects=_cli.CUSTOM_OBJECTS.value, output_tasks=_TASKS.value, output_metrics=_METRICS.value,
+            merge_calibration=_MERGE.value)
 
 
 def _algorithm_flags() -> dict:

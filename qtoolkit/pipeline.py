@@ -112,7 +112,7 @@ def ptq(model: Any, calibration_data: Any = None, scheme: Any = "int8", output: 
         range_method: Optional[str] = None,
         io_dtype: str = "int8", batch_size: int = 32, strict: bool = False, progress: bool = True,
         image_size=None, image_scale=(0.0, 1.0), allow_unsafe: bool = False, log=None, image_mean=None,
-        image_std=None, image_resize: str = "stretch", custom_objects=None) -> PTQResult:
+        image_std=None, image_resize: str = "stretch", custom_objects=None, calibration_parts=None) -> PTQResult:
     """Post-training quantization of a model, verified with the LiteRT interpreter.
 
     Args:
@@ -142,6 +142,8 @@ def ptq(model: Any, calibration_data: Any = None, scheme: Any = "int8", output: 
       allow_unsafe: allow loading models with serialized Python code.
       custom_objects: the user's classes a model file names: a dict, or a .py file defining them (its code runs).
       log: a function that takes progress messages (e.g. print), or None.
+      calibration_parts: the calibration parts of every shard (paths or `calibrate.CalibrationPart`s): their
+        merged ranges instead of a calibration pass (see `prepare`; calibrate/shards.py).
 
     Raises:
       loading.ModelLoadError, calibrate.DataError, schemes.SchemeError,
@@ -162,7 +164,7 @@ def ptq(model: Any, calibration_data: Any = None, scheme: Any = "int8", output: 
                            range_method=range_method, batch_size=batch_size, strict=strict, progress=progress,
                            image_size=image_size, image_scale=image_scale, allow_unsafe=allow_unsafe, log=log,
                            image_mean=image_mean, image_std=image_std, image_resize=image_resize,
-                           custom_objects=custom_objects)
+                           custom_objects=custom_objects, calibration_parts=calibration_parts)
     seconds = {k: v for k, v in prepared.seconds.items() if k != "total"}
     data, path, notes, rewritten = _export(prepared, io_dtype, log, seconds)
     inspection = export.inspect(data)

@@ -56,6 +56,8 @@ class Prepared:
       seconds: stage -> wall time (load, rewrite, algorithms, calibrate, and the stage's total).
       reference_outputs: the user's model's outputs on the verification samples where prepare already ran it
         (a Keras 3 model, to check its twin), else None.
+      calibration_part: with `calibration_shard`, what this shard observed (to save and merge; no ranges are set
+        and there are no verification samples).
     """
 
     loaded: LoadedModel
@@ -69,6 +71,7 @@ class Prepared:
     algorithm_report: dict = dataclasses.field(default_factory=dict)
     seconds: dict = dataclasses.field(default_factory=dict)
     reference_outputs: Optional[list] = None
+    calibration_part: Optional[cal.CalibrationPart] = None
 
     @property
     def keras_model(self):
@@ -103,7 +106,8 @@ def prepare(model: Any, calibration_data: Any, scheme: Any = "int8", *,
             verification_data: Any = None, range_method: Optional[str] = None, batch_size: int = 32,
             strict: bool = False, progress: bool = True, image_size=None, image_scale=(0.0, 1.0),
             allow_unsafe: bool = False, layerwise: bool = False, log=None, image_mean=None, image_std=None,
-            image_resize: str = "stretch", custom_objects=None) -> Prepared:
+            image_resize: str = "stretch", custom_objects=None, calibration_shard=None,
+            calibration_parts=None) -> Prepared:
     """Loads, splits the data, rewrites, runs the scheme's algorithms and calibrates (see the module docstring).
 
     Args:
@@ -124,6 +128,11 @@ def prepare(model: Any, calibration_data: Any, scheme: Any = "int8", *,
       layerwise: also rewrite and calibrate where the export does not need it (int16x8), so the per-layer
         debugger can measure every layer.
       log: a function that takes progress messages, or None.
+      calibration_shard: (i, n) or "i/n": observe only shard i of n of the calibration samples (a block of
+        whole batches) into `Prepared.calibration_part`, to be merged with the others (calibrate/shards.py).
+      calibration_parts: the parts (paths or `calibrate.CalibrationPart`s) of every shard: their merged
+        ranges are set instead of a calibration pass, the same as one pass over those samples would set;
+        the calibration samples of `calibration_data` are skipped, the verification samples follow them.
 
     Raises:
       loading.ModelLoadError, calibrate.DataError, schemes.SchemeError, rewrite.UnquantizableLayersError,
@@ -161,6 +170,8 @@ def prepare(model: Any, calibration_data: Any, scheme: Any = "int8", *,
                                      image_std=image_std, image_resize=image_resize, log=log)
         if num_verification_samples is None:
             num_verification_samples = ver_source.num_samples or DEFAULT_VERIFICATION_SAMPLES
+    if calibration_parts and num_calibration_samples is None:
+        num_calibration_samples = cal.shards.parts_total(calibration_parts)
     n_cal, n_ver = split(source, num_calibration_samples, num_verification_samples, ver_source is not None)
 
     quantizes_activations = keras_model is not None and scheme.activations is not None
@@ -173,6 +184,8 @@ def prepare(model: Any, calibration_data: Any, scheme: Any = "int8", *,
         raise SchemeError(f"scheme {scheme.name!r}: layers.float_* keep layers out of qtoolkit's rewrite of a Keras "
                           "model; this model has none (it is converted by the TFLite converter itself): drop the keys")
     keep = converter_calibrates or (do_rewrite and algorithms.needs_data(scheme.algorithms))
+    if calibration_shard is not None or calibration_parts:
+        cal.shards.check(scheme, fake_quant, algorithms.needs_data(scheme.algorithms))
     cal_inputs = source.collect(n_cal) if keep else None
     rewritten = calibration = None
     algorithm_report = {}
@@ -186,7 +199,16 @@ def prepare(model: Any, calibration_data: Any, scheme: Any = "int8", *,
         if algo is not None:
             algorithm_report = algorithms.before_calibration(rewritten, algo, keras_model)
         cal_source = source if cal_inputs is None else cal.open_source(list(cal_inputs), specs)
-        calibration = cal.calibrate(rewritten, cal_source, n_cal, scheme, batch_size, progress)
+        if calibration_shard is not None or calibration_parts:
+            t2 = time.perf_counter()
+            calibration, part = cal.shards.in_parts(rewritten, cal_source, n_cal, scheme, batch_size, progress,
+                                                    calibration_shard, calibration_parts)
+            if part is not None:  # a shard: what it observed is the result
+                seconds["calibrate"] = time.perf_counter() - t2
+                return Prepared(loaded, scheme, specs, n_cal, None, [], rewritten, None, algorithm_report,
+                                seconds, None, part)
+        else:
+            calibration = cal.calibrate(rewritten, cal_source, n_cal, scheme, batch_size, progress)
         seconds["calibrate"] = calibration.seconds
         if algo is not None:
             algorithm_report = algorithms.after_calibration(rewritten, algo, cal_inputs, keras_model,

@@ -41,6 +41,7 @@ class Calibration:
       seconds: wall time of the pass.
       method: range method used.
       selection: for "auto", what was chosen per quantizer and the errors measured (`select.Selection`).
+      shards: the number of shards merged, where the ranges come from calibration in parts (calibrate/shards.py).
     """
 
     ranges: dict
@@ -48,6 +49,7 @@ class Calibration:
     seconds: float
     method: str
     selection: Optional[select.Selection] = None
+    shards: Optional[int] = None
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""Representative data: arrays, .npy/.npz files, image folders, tf.data, generators.
+"""Representative data: arrays, .npy/.npz files, image folders, TFRecords, tf.data, generators.
 
     src = open_source("calib.npy", specs)          # specs: [(name, shape, dtype)] of the model inputs
     for batch in src.take(500, batch_size=32):     # a list with one array per model input
@@ -26,6 +26,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 from qtoolkit.errors import DataError  # noqa: F401  (raised here; defined with the others)
 
+from qtoolkit.calibrate import records
 from qtoolkit.calibrate.images import ImagePreprocessing
 
 
@@ -87,6 +88,11 @@ class Source:
             remaining -= batch[0].shape[0]
             yield batch
 
+    def skip(self, n: int) -> None:
+        """Moves past the next `n` samples (a stream reads and drops them; arrays and files just seek)."""
+        for _ in self.take(n, 256):
+            pass
+
     def collect(self, n: int, batch_size: int = 256) -> list[np.ndarray]:
         """The next `n` samples as one array per input."""
         parts = list(self.take(n, batch_size))
@@ -112,6 +118,12 @@ class ArraySource(Source):
         if self.position >= self.num_samples:
             return None
         return [np.asarray(a[self.position:self.position + n]) for a in self.arrays]
+
+    def skip(self, n: int) -> None:
+        if self.position + n > self.num_samples:
+            raise DataError(f"{self.description}: {self.num_samples} samples, cannot skip to sample "
+                            f"{self.position + n}")
+        self.position += n
 
 
 class IterableSource(Source):
@@ -193,7 +205,8 @@ def open_source(data: Any, specs: Sequence[Spec], image_size=None, image_scale=(
     Args:
       data: a numpy array; a list/tuple/dict of arrays (one per input); a path
         to a .npy (one input), a .npz (arrays named like the inputs, or a single
-        array) or a folder of images; a tf.data.Dataset; or an iterable /
+        array), a folder of images or TFRecord files (`.tfrecord`, a glob pattern
+        allowed: calibrate/records.py); a tf.data.Dataset; or an iterable /
         generator of batches.
       specs: (name, shape, dtype) of each model input.
       image_size: image folders: (height, width) or "HxW" to resize to (default: the model's).
@@ -232,6 +245,8 @@ def _open(data: Any, specs: Sequence[Spec], prep: ImagePreprocessing) -> Source:
         return ArraySource(list(data), specs, "calibration arrays")
     if isinstance(data, (str, os.PathLike)):
         path = os.fspath(data)
+        if records.is_records(path):
+            return IterableSource(records.dataset(path, specs), specs, path)
         if not os.path.exists(path):
             raise DataError(f"calibration data {path!r} does not exist; give a .npy, .npz or a folder of images")
         if os.path.isdir(path):
