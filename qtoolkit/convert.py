@@ -163,12 +163,14 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
                                            "the verification samples)" if version == "3" else " (tf_keras)"),
               file=out)
     print(f"scheme {result.scheme.name}: {result.path}", file=out)
+    float_lines = result.float_report()  # read from the written file; the scheme's float layers apart
     for note in result.notes:
-        print(f"note: {note}", file=out)
+        if note not in float_lines:
+            print(f"note: {note}", file=out)
     if result.folded:
         print(f"folded/fused: {', '.join(result.folded)}", file=out)
-    if result.float_layers:
-        print(f"left in float: {', '.join(result.float_layers)}", file=out)
+    for line in float_lines:
+        print(line, file=out)
     if result.calibration:
         c = result.calibration
         how = f" (merged from {c.shards} shards' parts)" if c.shards else ""
