@@ -10,7 +10,7 @@ import tf_keras as keras
 
 import qtoolkit
 from helpers import SIMULATION_GAP_STEPS, TWIN_ATOL, tflite_graph
-from qtoolkit import rewrite, schemes
+from qtoolkit import rewrite, runtime, schemes
 
 L = keras.layers
 INT8 = schemes.load("int8")
@@ -56,6 +56,8 @@ def test_recurrent_is_fully_int8(kind):
     assert r.inspection.float_ops == [] and r.float_layers == ()
     ops = {op["op_name"] for op in tflite_graph(r.tflite)[1]}
     assert {"FULLY_CONNECTED", "LOGISTIC", "TANH", "MUL", "ADD"} <= ops and "DEQUANTIZE" not in ops, ops
+    # No shrinking STRIDED_SLICE, no SPLIT_V: the unrolled cell is one XNNPACK partition (recurrent.py).
+    assert runtime.delegation(r.tflite).partitions == 1
     # Per-step roundings of the int8 cell ops (LOGISTIC/TANH tables vs tf.sigmoid) stay a few output steps.
     assert r.comparisons["simulated vs TFLite"].max_error_steps <= 4.0
     assert r.comparisons["float vs TFLite"].sqnr_db > 25.0
