@@ -142,8 +142,10 @@ class RuntimeReport:
         return "\n".join(lines)
 
 
-def alternate_median_ms(models: dict, threads: int = 1, runs: int = 50, rounds: int = 5) -> dict:
+def alternate_median_ms(models: dict, threads: int = 1, runs: int = 50, rounds: int = 5, inputs=None) -> dict:
     """Median latency of each model, measured in alternation (`rounds` rounds of runs/rounds invokes).
+
+    `inputs`: samples fed to every model (latency.median_ms; without them, random values and zero ids).
 
     Alternating spreads slow phases of a shared machine over every model
     instead of charging them to whichever was measured then.
@@ -154,17 +156,20 @@ def alternate_median_ms(models: dict, threads: int = 1, runs: int = 50, rounds: 
     samples = {k: [] for k in models}
     for _ in range(rounds):
         for key, data in models.items():
-            samples[key].append(latency.median_ms(data, threads=threads, runs=per_round, warmup=3))
+            samples[key].append(latency.median_ms(data, threads=threads, runs=per_round, warmup=3,
+                                                     inputs=inputs))
     return {k: float(np.median(v)) for k, v in samples.items()}
 
 
 def report(float_model: bytes, quantized_model: bytes, benchmark: bool = False, threads=(1, 2),
-           runs: int = 50) -> RuntimeReport:
-    """Delegation of both models; with `benchmark`, their latency at each thread count (alternating)."""
+           runs: int = 50, inputs=None) -> RuntimeReport:
+    """Delegation of both models; with `benchmark`, their latency at each thread count (alternating), on
+    `inputs` (samples, one array per model input) when given."""
     lat = None
     if benchmark:
         lat = {"float": {}, "quantized": {}}
         for t in threads:
-            ms = alternate_median_ms({"float": float_model, "quantized": quantized_model}, threads=t, runs=runs)
+            ms = alternate_median_ms({"float": float_model, "quantized": quantized_model}, threads=t, runs=runs,
+                                     inputs=inputs)
             lat["float"][t], lat["quantized"][t] = ms["float"], ms["quantized"]
     return RuntimeReport(delegation(float_model), delegation(quantized_model), lat, runs if benchmark else 0)

@@ -107,8 +107,8 @@ def mixed_precision(model: Any, calibration_data: Any = None, scheme: Any = "int
         drop = comparison.accuracy_drop
         meets = comparison.sqnr_db >= budget_min_sqnr if budget_min_sqnr is not None else (
             drop is not None and drop <= budget_max_accuracy_drop)
-        choice = Choice(tuple(e.name for e in kept), comparison.sqnr_db, drop, len(data), latency.median_ms(data),
-                        bool(meets))
+        choice = Choice(tuple(e.name for e in kept), comparison.sqnr_db, drop, len(data),
+                        latency.median_ms(data, inputs=x), bool(meets))
         choices.append(choice)
         if meets:
             chosen = (data, choice)
