@@ -1,16 +1,18 @@
 """Coverage benchmark of sequence and transformer models: qtoolkit's int8 file vs the TFLite converter's.
 
-Builds and trains (2 epochs, sklearn digits) a ViT-tiny block, an Embedding + Conv1D text classifier and
-keyword-spotting style Conv1D -> GRU / LSTM models, converts each with qtoolkit.ptq and with the
-converter's own full-integer PTQ (same calibration samples), and prints a markdown table: float ops in
-the file, SQNR and top-1 agreement against the float model, accuracy, XNNPACK partitions, and the
-int8 / float latency (1 thread, batch 1).
+Builds and trains (2 epochs, sklearn digits) a ViT-tiny block, a MobileViT-style hybrid (zoo.shapes), an
+Embedding + Conv1D text classifier and keyword-spotting style Conv1D -> GRU / LSTM models, converts each
+with qtoolkit.ptq and with the converter's own full-integer PTQ (same calibration samples), and prints a
+markdown table: float ops in the file, SQNR and top-1 agreement against the float model, accuracy,
+XNNPACK partitions, and the int8 / float latency (1 thread, batch 1, on a test sample).
 
 The converter fails on tf_keras LSTM/GRU with a dynamic batch ('tf.TensorListReserve' op requires
 element_shape to be static); its baseline for them is converted from a batch-1 concrete function
 (LSTM: its fused UNIDIRECTIONAL_SEQUENCE_LSTM with its int16 cell state; GRU: a WHILE loop).
 
-    env -u TF_USE_LEGACY_KERAS .venv/bin/python scripts/bench_transformers.py
+    env -u TF_USE_LEGACY_KERAS .venv/bin/python scripts/bench_transformers.py [NAME ...]
+
+NAME: only the models whose name contains it (e.g. `vit mobilevit`); about 4 minutes for all on 2 shared cores.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import tf_keras as keras  # noqa: E402
 
 import qtoolkit  # noqa: E402
 from qtoolkit import export, inspection, latency, runtime, verify  # noqa: E402
-from qtoolkit.zoo.shapes import _images, vit_block  # noqa: E402
+from qtoolkit.zoo.shapes import _images, mobilevit_block, vit_block  # noqa: E402
 
 L = keras.layers
 CALIBRATION = 300
@@ -108,25 +110,8 @@ def run_batch1(data, x):
 
 
 def median_ms(data, sample, runs=30):
-    """Median invoke time (1 thread, batch 1) on a real sample (latency.median_ms feeds random values:
-    out-of-vocabulary tokens for an Embedding)."""
-    import time
-
-    from ai_edge_litert.interpreter import Interpreter
-
-    if not np.issubdtype(sample.dtype, np.integer):
-        return latency.median_ms(data, threads=1, runs=runs)
-    it = Interpreter(model_content=data, num_threads=1)
-    d = it.get_input_details()[0]
-    it.resize_tensor_input(d["index"], [1, *sample.shape], strict=False)
-    it.allocate_tensors()
-    it.set_tensor(d["index"], sample[None].astype(d["dtype"]))
-    times = []
-    for _ in range(runs + 5):
-        t0 = time.perf_counter()
-        it.invoke()
-        times.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(times[5:]))
+    """Median invoke time (1 thread, batch 1) on a real sample (random token ids would be out of vocabulary)."""
+    return latency.median_ms(data, threads=1, runs=runs, inputs=sample[None])
 
 
 def row(name, tool, data, comparison, float_ms, sample):
@@ -168,6 +153,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     only = sys.argv[1:]
     for name, build, key, static in [("ViT block", vit_block, "image", False),
+                                     ("MobileViT hybrid", mobilevit_block, "image", False),
                                      ("Embedding text", text_classifier, "tokens", False),
                                      ("KWS Conv1D+GRU", lambda: kws("GRU"), "frames", "crashes"),
                                      ("KWS Conv1D+LSTM", lambda: kws("LSTM"), "frames", True)]:

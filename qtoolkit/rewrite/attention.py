@@ -13,7 +13,9 @@ int8 weights (the converter keeps the einsum's bias as a separate int8 ADD after
 1/sqrt(D) scaling of the query is folded into its weights and bias (the converter runs it as an
 int8 MUL by a constant, one more rounding).  The layer is lowered when it is called without a
 mask, attention over axis 1 of rank-3 inputs (tf_keras' default), not returning its scores;
-otherwise it stays as it is (`ops.lowers_attention`).
+rank-4 inputs with attention over axis 2 (attention_axes=(2,), MobileViT's patches) are RESHAPEd
+to rank 3, axis 1 folded into the batch, and back; otherwise it stays as it is
+(`ops.lowers_attention`).
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ def _inputs(node: g.Node, tensors: dict):
     return found["query"], found["value"], found["key"]
 
 
-def _weights(dense):
-    """(kernel, bias) of an EinsumDense as a 2-D FULLY_CONNECTED: (C, units) and (units,)."""
+def _weights(dense, output=False):
+    """(kernel, bias) of an EinsumDense as a 2-D FULLY_CONNECTED: (C, units) and (units,); the
+    projections' kernels are (C, H, D), the output's (H, D, C)."""
     kernel = dense.kernel.numpy()
-    units = int(np.prod(kernel.shape[1:])) if dense.equation.startswith("abc,") else kernel.shape[-1]
+    units = kernel.shape[-1] if output else int(np.prod(kernel.shape[1:]))
     kernel = kernel.reshape(-1, units)
     bias = dense.bias.numpy().reshape(-1) if dense.bias is not None else np.zeros(units, np.float32)
     return kernel.astype(np.float32), bias.astype(np.float32)
@@ -69,6 +72,17 @@ def build_attention(ctx: BuildContext, step: Step):
     node, layer = step.node, step.node.layer
     name = node.name
     query, value, key = _inputs(node, ctx.tensors)
+    if query.shape.rank == 4:  # attention over axis 2: axis 1 folds into the batch (one RESHAPE each)
+        fold = int(query.shape[1])
+        query, value, key = (tf.reshape(t, [-1, *t.shape[2:]], name=ctx.fresh_name(name, "_fold"))
+                             for t in (query, value, key))
+        out = _attention(ctx, layer, name, query, value, key)
+        return tf.reshape(out, [-1, fold, *out.shape[1:]], name=ctx.fresh_name(name, "_unfold"))
+    return _attention(ctx, layer, name, query, value, key)
+
+
+def _attention(ctx: BuildContext, layer, name: str, query, value, key):
+    """Attention over axis 1 of rank-3 query, value and key (the module docstring)."""
     heads, key_dim = layer._num_heads, layer._key_dim
     value_dim = layer._value_dim or key_dim
     wq, bq = _weights(layer._query_dense)
@@ -87,5 +101,5 @@ def build_attention(ctx: BuildContext, step: Step):
     context = tf.transpose(context, [0, 2, 1, 3], name=ctx.fresh_name(name, "_merge"))
     context = tf.reshape(context, [-1, int(context.shape[1]), heads * value_dim],
                          name=ctx.fresh_name(name, "_concat_heads"))
-    wo, bo = _weights(layer._output_dense)
+    wo, bo = _weights(layer._output_dense, output=True)
     return _project(ctx, context, wo, bo, name)

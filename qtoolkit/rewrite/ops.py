@@ -169,11 +169,14 @@ def lowers_layernorm(layer) -> bool:
 
 # The einsum equations of tf_keras' MultiHeadAttention over axis 1 of rank-3 inputs (attention.py).
 ATTENTION_EQUATIONS = ("abc,cde->abde", "abcd,cde->abe", "aecd,abcd->acbe", "acbe,aecd->abcd")
+# ... over axis 2 of rank-4 inputs (attention_axes=(2,), MobileViT's patches: axis 1 folds into the batch).
+ATTENTION_EQUATIONS_4D = ("abcd,def->abcef", "abcde,def->abcf", "abfde,abcde->abdcf", "abdcf,abfde->abcde")
 
 
 def lowers_attention(node) -> bool:
     """A MultiHeadAttention call lowered to int8 ops (attention.py): rank-3 inputs of known sizes,
-    attention over axis 1, no mask and no returned scores."""
+    attention over axis 1 (or rank-4 inputs, attention over axis 2, of one size on axis 1), no mask and
+    no returned scores."""
     layer = node.layer
     if type(layer) is not L.MultiHeadAttention or len(node.outputs) != 1:
         return False
@@ -184,8 +187,12 @@ def lowers_attention(node) -> bool:
     dense = [layer._query_dense, layer._key_dense, layer._value_dense, layer._output_dense]
     equations = (dense[0].equation, dense[3].equation, layer._dot_product_equation, layer._combine_equation)
     shapes = [getattr(layer, f"_{n}_shape", None) for n in ("query", "key", "value")]
-    return equations == ATTENTION_EQUATIONS and all(d.equation == ATTENTION_EQUATIONS[0] for d in dense[:3]) \
-        and all(s is not None and len(s) == 3 and None not in tuple(s)[1:] for s in shapes)
+    if any(s is None or None in tuple(s)[1:] for s in shapes):
+        return False
+    rank = len(shapes[0])
+    expected = {3: ATTENTION_EQUATIONS, 4: ATTENTION_EQUATIONS_4D}.get(rank)
+    return equations == expected and all(d.equation == expected[0] for d in dense[:3]) \
+        and all(len(s) == rank and tuple(s)[1:rank - 2] == tuple(shapes[0])[1:rank - 2] for s in shapes)
 
 
 def recurrent_problem(node) -> Optional[str]:

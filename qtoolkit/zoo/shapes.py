@@ -211,6 +211,36 @@ def vit_block(k=tf_keras):
     return k.Model(inp, L.Dense(10, name="head")(x), name="vit_block")
 
 
+def mobilevit_block(k=tf_keras):
+    """A MobileViT-style hybrid on 16x16 digits: a strided conv stem (8x8), a MobileNetV2 inverted
+    residual block, then a MobileViT block: local 3x3 and 1x1 convs, 2x2 patches unfolded into 4 sequences
+    (one per position in the patch) of 16 tokens, a pre-norm transformer over each (MultiHeadAttention
+    over axis 2, GELU MLP), folded back, a 1x1 projection concatenated with the block's input and a 3x3
+    fusion conv; pooled head (tests/test_transformer.py, scripts/bench_transformers.py)."""
+    L = k.layers
+    inp = k.Input((16, 16, 1), name="image")
+    x = _conv_bn(L, inp, 16, "stem", strides=2)
+    h = _conv_bn(L, x, 32, "expand", kernel=1)
+    h = L.ReLU(6.0, name="dw_relu")(L.BatchNormalization(momentum=0.9, name="dw_bn")(
+        L.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(h)))
+    h = L.BatchNormalization(momentum=0.9, name="project_bn")(L.Conv2D(16, 1, use_bias=False, name="project")(h))
+    x = L.Add(name="residual")([x, h])
+    y = L.Conv2D(16, 3, padding="same", activation="relu", name="local")(x)
+    y = L.Conv2D(32, 1, name="to_tokens")(y)
+    y = L.Reshape((4, 2, 4, 2, 32), name="patches")(y)  # (patch row, row in patch, patch col, col in patch)
+    y = L.Reshape((4, 16, 32), name="unfold")(L.Permute((2, 4, 1, 3, 5), name="unfold_order")(y))
+    h = L.LayerNormalization(name="ln1")(y)
+    y = L.Add(name="add1")([y, L.MultiHeadAttention(2, 16, attention_axes=(2,), name="mha")(h, h)])
+    h = L.LayerNormalization(name="ln2")(y)
+    y = L.Add(name="add2")([y, L.Dense(32, name="fc2")(L.Dense(64, activation="gelu", name="fc1")(h))])
+    y = L.Reshape((2, 2, 4, 4, 32), name="fold")(L.LayerNormalization(name="ln3")(y))
+    y = L.Reshape((8, 8, 32), name="feature_map")(L.Permute((3, 1, 4, 2, 5), name="fold_order")(y))
+    y = L.Conv2D(16, 1, activation="relu", name="from_tokens")(y)
+    y = L.Conv2D(32, 3, padding="same", activation="relu", name="fusion")(L.Concatenate(name="join")([x, y]))
+    y = L.GlobalAveragePooling2D(name="gap")(y)
+    return k.Model(inp, L.Dense(10, name="head")(y), name="mobilevit_block")
+
+
 BUILDERS: dict[str, Callable] = {"two_heads": two_heads, "unet": unet, "subclassed": subclassed,
                                  "custom_layer": custom_layer, "conv1d_bn": conv1d_bn, "detection": detection}
 _TRAINED: dict = {}
