@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 import numpy as np
 import tensorflow as tf
 
+from qtoolkit import quantizers as q
 from qtoolkit.errors import ExportError  # noqa: F401  (raised here; defined with the others)
 from qtoolkit.inspection import Inspection, WeightInfo, inspect  # noqa: F401  (export's public names since 0.1)
 
@@ -142,24 +143,81 @@ def in_keras_order(data: bytes, model) -> bytes:
 
 @contextlib.contextmanager
 def _activations_at_least_8_bits(model):
-    """TFLite has no kernels for activations below 8 bits: export them as int8 on the same range.
+    """TFLite has no kernels for activations below 8 bits: each b-bit activation becomes an int8 tensor on
+    the b-bit grid, clamped to its 2^b levels, so the file computes the b-bit model.
 
-    The simulation keeps the lower-bit grid (a pessimistic estimate of the
-    exported model); the flatbuffer's activations use the calibrated range
-    with 256 levels.
+    A b-bit range [lo, hi] (nudged: scale s = (hi - lo) / (2^b - 1), zero on the grid) is exported with the
+    same scale and zero point, so the producing kernel rounds to the same levels, placed in the int8 codes so
+    that the kernels clamp to them where they can:
+      * after a kernel with a fused ReLU / ReLU6 and lo = 0 (most CNN activations): the levels are the top
+        2^b codes, [hi - 255 s, hi]: the kernel's ReLU clamps at code zero point, int8 saturation at hi;
+        no op is added;
+      * otherwise: [lo, lo + 255 s], lo at code -128, and a MINIMUM op with hi cuts the codes above the
+        levels (`QuantizeActivation.clamp_max`); XNNPACK does not take int8 MINIMUM, so each one runs on
+        LiteRT's own kernel, between delegate partitions.
+    Ranges TFLite fixes (softmax, logistic, tanh outputs) keep their 8-bit parameters: their kernels
+    require them.
     """
     from qtoolkit.rewrite.layers import QuantizeActivation
 
     changed = []
-    for layer in model.layers:
-        if isinstance(layer, QuantizeActivation) and layer.quantizer.bits < 8:
-            changed.append((layer.quantizer, layer.quantizer.bits))
-            layer.quantizer.bits = 8
+    low = [layer for layer in model.layers if isinstance(layer, QuantizeActivation) and layer.quantizer.bits < 8
+           and layer.fixed_range is None]
+    nonnegative = {layer.name for layer in model.layers if isinstance(layer, QuantizeActivation)
+                   and float(layer.range["min"].numpy()) >= 0.0}  # their file tensors never go below 0
+    for layer in low:
+        bits = layer.quantizer.bits
+        lo, hi = float(layer.range["min"].numpy()), float(layer.range["max"].numpy())
+        codes = (1 << bits) - 1
+        n_lo, n_hi, scale, _, _ = q.nudge(lo, hi, 1 if layer.quantizer.narrow_range else 0, codes)
+        n_lo, n_hi, scale = float(n_lo), float(n_hi), float(scale)
+        changed.append((layer, bits, lo, hi))
+        layer.quantizer.bits = 8
+        if n_lo == 0.0 and _clamps_at_zero(_producer(layer), nonnegative):
+            layer.range["min"].assign(n_hi - 255 * scale)
+            layer.range["max"].assign(n_hi)
+        else:
+            layer.range["min"].assign(n_lo)
+            layer.range["max"].assign(n_lo + 255 * scale)
+            layer.clamp_max = n_hi
     try:
         yield
     finally:
-        for quantizer, bits in changed:
-            quantizer.bits = bits
+        for layer, bits, lo, hi in changed:
+            layer.quantizer.bits = bits
+            layer.range["min"].assign(lo)
+            layer.range["max"].assign(hi)
+            layer.clamp_max = None
+
+
+_SIGN_KEEPING = ("AveragePooling", "MaxPooling", "GlobalAveragePooling", "GlobalMaxPooling", "Reshape", "Flatten",
+                 "Concatenate", "ZeroPadding")
+
+
+def _clamps_at_zero(layer, nonnegative: set) -> bool:
+    """True when `layer`'s int8 output cannot go below 0: a kernel with a fused ReLU / ReLU6 (TFLite clamps at
+    the zero point), or pooling, reshaping, padding or concatenation of tensors that cannot either (quantized
+    tensors whose range starts at 0 or above: `nonnegative`, by layer name)."""
+    if layer is None:
+        return False
+    if layer.name in nonnegative:
+        return True
+    if getattr(layer, "activation", None) in ("relu", "relu6") or type(layer).__name__ == "ReLU" and \
+            not getattr(layer, "negative_slope", 0) and not getattr(layer, "threshold", 0):
+        return True
+    if not type(layer).__name__.startswith(_SIGN_KEEPING):
+        return False
+    nodes = getattr(layer, "_inbound_nodes", None) or []
+    inbound = nodes[0].inbound_layers if nodes else []
+    inbound = inbound if isinstance(inbound, (list, tuple)) else [inbound]
+    return bool(inbound) and all(_clamps_at_zero(i, nonnegative) for i in inbound)
+
+
+def _producer(layer):
+    """The layer whose output `layer` reads (its first inbound layer), or None."""
+    nodes = getattr(layer, "_inbound_nodes", None) or []
+    inbound = nodes[0].inbound_layers if nodes else None
+    return inbound[0] if isinstance(inbound, (list, tuple)) and inbound else inbound
 
 
 @contextlib.contextmanager

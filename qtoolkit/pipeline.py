@@ -252,9 +252,14 @@ def _export(prepared: Prepared, io_dtype: str, log, seconds: dict):
                          f"{scheme.weights.bits}-bit grid (conv: exact; fully connected: the converter "
                          "re-quantizes them to 8 bits)")
         if scheme.activations.bits < 8:
-            notes.append(f"TFLite has no {scheme.activations.bits}-bit activation kernels: the model is exported "
-                         "with int8 activations over the calibrated ranges; the simulated column is the "
-                         f"{scheme.activations.bits}-bit model, so the simulation gap does not apply")
+            levels = 1 << scheme.activations.bits
+            clamps = export.inspect(data).ops.get("MINIMUM", 0)
+            notes.append(f"TFLite has no {scheme.activations.bits}-bit activation kernels: each activation is an int8 "
+                         f"tensor holding only its {levels} trained levels (the {scheme.activations.bits}-bit scale "
+                         "and zero point; the kernels' ReLU and int8 saturation clamp to them"
+                         + (f", and {clamps} MINIMUM op(s) where they cannot, outside XNNPACK" if clamps else "")
+                         + "), so the file computes the simulated model; softmax/logistic/tanh outputs keep "
+                         "TFLite's fixed 8-bit parameters")
     seconds["convert"] = time.perf_counter() - t1
     if rewritten is None and algorithms.needs_rewrite(scheme.algorithms):
         notes.append(f"the scheme's algorithms ({', '.join(scheme.algorithms.enabled())}) were not applied: they "

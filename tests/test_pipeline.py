@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import models
-from helpers import assert_quantized, random_inputs
+from helpers import SIMULATION_GAP_STEPS, assert_quantized, random_inputs
 from qtoolkit import calibrate, export, verify
 from qtoolkit.pipeline import ptq
 
@@ -97,10 +97,15 @@ def test_int16x8_has_int16_activations(digits):
 
 @pytest.mark.parametrize("scheme", ["w4a8", "w8a4"])
 def test_low_bit_schemes_export_and_simulate(digits, scheme):
+    """w8a4: the file computes the simulated model, 4-bit activations included (within one output step).
+    w4a8: the converter re-quantizes 4-bit Dense kernels to 8 bits (3 steps here; issue 23)."""
     model, calib, x_test, y_test = digits
     result = ptq(model, calib, scheme, verification_data=x_test, labels=y_test, progress=False)
-    assert_quantized(result, max_gap_steps=None)
+    assert_quantized(result, max_gap_steps=None if scheme == "w4a8" else SIMULATION_GAP_STEPS)
     assert result.notes
+    if scheme == "w8a4":  # the file's activations hold 16 levels: its output takes at most 16 values
+        out = verify.LiteRTModel(result.tflite).predict(x_test[:64])
+        assert len(np.unique(out)) <= 16 and any("16 trained levels" in n for n in result.notes)
 
 
 @pytest.mark.parametrize("io_dtype", ["uint8", pytest.param("float32", marks=pytest.mark.slow)])

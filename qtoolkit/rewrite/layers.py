@@ -110,6 +110,7 @@ class QuantizeActivation(keras.layers.Layer):
         self.quantizer = quantizer or RangeQuantizer()
         self.fixed_range = tuple(fixed_range) if fixed_range is not None else None
         self.range_factor = float(range_factor)
+        self.clamp_max = None  # set only while exporting activations below 8 bits (export.py)
 
     def build(self, input_shape):
         self.range = self.quantizer.build(input_shape, "output", self)
@@ -119,7 +120,10 @@ class QuantizeActivation(keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, inputs, training=None):
-        return self.quantizer(inputs, training, self.range)
+        out = self.quantizer(inputs, training, self.range)
+        if self.clamp_max is not None:  # b-bit levels in an int8 tensor: the codes above them cut (MINIMUM)
+            out = self.quantizer(tf.minimum(out, self.clamp_max), training, self.range)
+        return out
 
     def set_range(self, lo, hi) -> None:
         if self.fixed_range is None:
