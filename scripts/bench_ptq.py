@@ -10,7 +10,7 @@ all measured in this one run.
 
     python scripts/bench_ptq.py                      # every model, markdown table on stdout
     python scripts/bench_ptq.py --models fmnist_mobilenet --calibration_samples 1000
-    python scripts/bench_ptq.py --memory             # peak RSS vs number of calibration samples
+    python scripts/bench_ptq.py --memory             # peak RSS vs calibration samples streamed (.npy, TFRecord, tf.data)
     python scripts/bench_ptq.py --models InceptionV3 --seeds 1,2,3,4 --runs 10   # SQNR over seeded models
     python scripts/bench_ptq.py --keras 2,3          # each model built with tf_keras and with Keras 3
 
@@ -105,23 +105,45 @@ def bench(name, n_cal, n_ver, runs, keras_version="2", seed=None):
     return rows, gap, lat, ours.comparisons["float vs TFLite"].sqnr_db - their_cmp.sqnr_db
 
 
-def memory(samples):
-    """Peak RSS of a qtoolkit conversion (child process) for each number of calibration samples.
+SOURCES = {  # how a child process hands the calibration data to ptq, streamed
+    "npy": "'{cache}/fmnist_calib.npy'",
+    "tfrecord": "'{cache}/fmnist_calib.tfrecord'",
+    "tf.data": ("tf.data.Dataset.from_generator(lambda: (f[i:i + 64] for i in range(0, len(f), 64)), "
+                "output_signature=tf.TensorSpec((None, 28, 28, 1), tf.float32))"),
+}
+
+
+def memory(samples, sources):
+    """Peak RSS of a qtoolkit conversion (child process) per data source and number of calibration samples.
 
     VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec, so a child
-    of this (large) process would report the parent's peak.
+    of this (large) process would report the parent's peak.  The default range
+    method ("auto") keeps its held-out samples (at most 128) in memory; the
+    verification samples (100) are collected too; everything else streams.
+    A row "shard 1/2" is the second of two shards of the stream (calibration in
+    parts: it reads and skips the first half, observes the second, writes its part).
     """
-    print("| calibration samples | peak RSS MiB | calibrate s |\n|---:|---:|---:|")
-    for n in samples:
-        code = ("import qtoolkit, resource, sys; sys.argv=['x']; "
-                "from qtoolkit.pipeline import ptq; "
-                f"r = ptq('{zoo.reference('mobilenet_v1_fmnist').path}', '{CACHE}/fmnist_calib.npy', 'int8', "
-                f"num_calibration_samples={n}, num_verification_samples=100, progress=False); "
+    print("| data source | calibration samples | peak RSS MiB | calibrate s |\n|---|---:|---:|---:|")
+    model = zoo.reference("mobilenet_v1_fmnist").path
+    for source, n, shard in [(src, n, None) for src in sources for n in samples] + \
+            [(src, samples[-1], "1/2") for src in sources if src == "tfrecord"]:
+        data = SOURCES[source].format(cache=CACHE)
+        call = (f"prepare.prepare('{model}', {data}, 'int8', num_calibration_samples={n}, progress=False, "
+                f"calibration_shard='{shard}').seconds['calibrate']" if shard else
+                f"ptq('{model}', {data}, 'int8', num_calibration_samples={n}, num_verification_samples=100, "
+                "progress=False).calibration.seconds")
+        code = ("import qtoolkit, sys; sys.argv=['x']; import tensorflow as tf; "
+                "from qtoolkit import prepare; from qtoolkit.pipeline import ptq; "
+                f"from qtoolkit.calibrate.data import NpyFile; f = NpyFile('{CACHE}/fmnist_calib.npy'); "
+                f"secs = {call}; "
                 "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
-                "print(int(hwm) / 1024, r.calibration.seconds)")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                "print(int(hwm) / 1024, secs)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"{source} {n}: {out.stderr.strip().splitlines()[-1]}")
         rss, secs = out.stdout.strip().splitlines()[-1].split()[-2:]
-        print(f"| {n} | {float(rss):.0f} | {float(secs):.1f} |", flush=True)
+        label = source + (f", shard {shard}" if shard else "")
+        print(f"| {label} | {n} | {float(rss):.0f} | {float(secs):.1f} |", flush=True)
 
 
 def main():
@@ -133,6 +155,10 @@ def main():
     parser.add_argument("--verification_samples", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--memory", action="store_true", help="measure peak memory vs calibration samples")
+    parser.add_argument("--memory_samples", type=lambda t: [int(v) for v in t.split(",")], default=[1000, 3000, 10000],
+                        help="--memory: calibration sample counts (comma-separated)")
+    parser.add_argument("--memory_sources", default="npy,tfrecord,tf.data",
+                        help=f"--memory: data sources, of {', '.join(SOURCES)}")
     parser.add_argument("--seeds", default="",
                         help="comma-separated seeds: build each Keras applications model once per seed (seeded "
                              "random weights) and summarize qtoolkit's SQNR minus the converter's over them")
@@ -148,10 +174,14 @@ def main():
             parser.error(f"--sizes: expected MODEL=PIXELS with MODEL one of {', '.join(APPS)}, got {item!r}")
         APPS[name] = int(size)
     if args.memory:
+        from qtoolkit import calibrate
+
         model, x_train, _, _ = fashion_model()
         os.makedirs(CACHE, exist_ok=True)
-        np.save(os.path.join(CACHE, "fmnist_calib.npy"), x_train[:20000])
-        memory([500, 2000, 8000, 19000])  # in fresh processes
+        n = max(args.memory_samples) + 200
+        np.save(os.path.join(CACHE, "fmnist_calib.npy"), x_train[:n])
+        calibrate.write_records(os.path.join(CACHE, "fmnist_calib.tfrecord"), {model.inputs[0].name: x_train[:n]})
+        memory(args.memory_samples, args.memory_sources.split(","))  # in fresh processes
         return
     print(f"# {tf.__version__=}, calibration samples {args.calibration_samples}, "
           f"{os.cpu_count()} CPUs\n")
