@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -55,7 +57,8 @@ def test_blocks_are_whole_batches_covering_the_pass():
 
 @pytest.mark.slow
 def test_tfrecord_stream_shards_and_cli(model, data, tmp_path, capsys):
-    """The command lines: shards of a TFRecord stream, a partial merge, convert with the parts."""
+    """The command lines: shards of a TFRecord stream in separate processes, a partial merge, convert with the
+    parts: the same ranges and the same file as one pass."""
     from qtoolkit import convert
     from qtoolkit.calibrate import __main__ as cli
 
@@ -63,8 +66,17 @@ def test_tfrecord_stream_shards_and_cli(model, data, tmp_path, capsys):
     assert calibrate.write_records(records, {model.inputs[0].name.split(":")[0]: data}) == 200
     path = str(tmp_path / "model.keras")
     model.save(path)
-    for i in range(3):
-        cli.shard(path, records, f"{i}/3", str(tmp_path / f"p{i}.npz"), num_calibration_samples=N_CAL, progress=False)
+    # Shards 0 and 1: two processes at once, through the command line; shard 2 in this process.
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    procs = [subprocess.Popen([sys.executable, "-m", "qtoolkit.calibrate", "--model", path, "--calibration_data",
+                               records, "--num_calibration_samples", str(N_CAL), "--calibration_shard", f"{i}/3",
+                               "--output", str(tmp_path / f"p{i}.npz")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    cli.shard(path, records, "2/3", str(tmp_path / "p2.npz"), num_calibration_samples=N_CAL, progress=False)
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        assert "wrote" in out and "error" not in err
     cli.merge([str(tmp_path / "p0.npz"), str(tmp_path / "p2.npz")], str(tmp_path / "p02.npz"))
     said = capsys.readouterr().out
     assert "shard 2/3: samples 96 to 149 of 150" in said
