@@ -177,7 +177,7 @@ def run(model: str, output: str, calibration_data: str, scheme: str = "int8", re
         print(f"calibrated {len(c.ranges)} activation ranges ({c.method}) on {c.samples} samples{how} "
               f"in {c.seconds:.1f} s", file=out)
     print(result.inspection.summary(), file=out)
-    runtime_report = _runtime_report(prepared.loaded, result, benchmark, benchmark_runs, strict, out)
+    runtime_report = _runtime_report(prepared, result, benchmark, benchmark_runs, strict, out)
     if output:
         export.write_atomic(output, result.tflite)
         result = dataclasses.replace(result, output=output)
@@ -219,16 +219,18 @@ def _debug_summary(prepared, result, model, calibration_data, output, y, io_dtyp
         print(f"wrote {output} (mixed precision{'' if mp.met else ', budget NOT met'})", file=out)
 
 
-def _runtime_report(loaded, result, benchmark, runs, strict, out):
+def _runtime_report(prepared, result, benchmark, runs, strict, out):
     """XNNPACK delegation of the float and quantized models (and latency); warns, or fails when strict."""
     from qtoolkit import export, runtime
 
+    loaded = prepared.loaded
     if loaded.keras_model is not None:
         float_model = export.float_tflite(loaded.keras_model)
     else:
         float_model = export.float_tflite_saved_model(loaded.path)
     threads = sorted({1, os.cpu_count() or 1})
-    rt = runtime.report(float_model, result.tflite, benchmark=benchmark, threads=threads, runs=runs)
+    rt = runtime.report(float_model, result.tflite, benchmark=benchmark, threads=threads, runs=runs,
+                        inputs=prepared.verification_inputs)  # timed on a real sample
     print(rt.summary(), file=out)
     problems = rt.problems()
     if problems and strict:
