@@ -10,9 +10,11 @@ The converter fails on tf_keras LSTM/GRU with a dynamic batch ('tf.TensorListRes
 element_shape to be static); its baseline for them is converted from a batch-1 concrete function
 (LSTM: its fused UNIDIRECTIONAL_SEQUENCE_LSTM with its int16 cell state; GRU: a WHILE loop).
 
-    env -u TF_USE_LEGACY_KERAS .venv/bin/python scripts/bench_transformers.py [NAME ...]
+    env -u TF_USE_LEGACY_KERAS .venv/bin/python scripts/bench_transformers.py [NAME ...] [--cifar TAR]
 
 NAME: only the models whose name contains it (e.g. `vit mobilevit`); about 4 minutes for all on 2 shared cores.
+--cifar ../shared/data/cifar10_train_10k_jpg.tar: the CIFAR-10 images instead of digits (grey, 2x2-pooled
+to the builders' 16x16 inputs; 8,000 train, 2,000 test).
 """
 
 from __future__ import annotations
@@ -58,8 +60,19 @@ def text_tokens(images):
     return ((px[:, ::2] * 5 + px[:, 1::2]) + 25 * (np.arange(32) % 2)).astype(np.int32)
 
 
-def data():
-    x, y, xt, yt = _images()
+def cifar_images(path: str, train: int = 8000):
+    """CIFAR-10 images (../shared/data's tar of JPEGs) as the builders' 16x16 one-channel inputs: grey
+    (channel mean), 2x2 average pooled; the first `train` images train, the rest test."""
+    from keras3_cifar_qat import load_cifar
+
+    x, y = load_cifar(path)
+    grey = x.mean(axis=-1, keepdims=True)
+    small = grey.reshape(len(x), 16, 2, 16, 2, 1).mean(axis=(2, 4)).astype(np.float32)
+    return small[:train], y[:train], small[train:], y[train:]
+
+
+def data(cifar=None):
+    x, y, xt, yt = cifar_images(cifar) if cifar else _images()
     return {"image": (x, y, xt, yt), "tokens": (text_tokens(x), y, text_tokens(xt), yt),
             "frames": (x[..., 0], y, xt[..., 0], yt)}
 
@@ -147,11 +160,19 @@ def bench(name, build, x, y, xt, yt, static_batch=False):
 
 
 def main():
-    d = data()
+    args = sys.argv[1:]
+    cifar = None
+    if "--cifar" in args:
+        at = args.index("--cifar")
+        if at + 1 >= len(args):
+            raise SystemExit("--cifar needs the path of the CIFAR-10 tar (../shared/data/cifar10_train_10k_jpg.tar)")
+        cifar = args[at + 1]
+        args = args[:at] + args[at + 2:]
+    d = data(cifar)
     print("| model | tool | float ops | SQNR (dB) | top-1 agreement | accuracy | XNNPACK partitions "
           "| int8 / float ms |")
     print("|---|---|---|---|---|---|---|---|")
-    only = sys.argv[1:]
+    only = args
     for name, build, key, static in [("ViT block", vit_block, "image", False),
                                      ("MobileViT hybrid", mobilevit_block, "image", False),
                                      ("Embedding text", text_classifier, "tokens", False),
