@@ -246,13 +246,15 @@ def test_adaround_within_one_step_and_lowers_reconstruction_error():
     qmax = 7
     scale = (np.abs(w).max(0) / qmax).astype(np.float32)
     y = np.maximum(x @ w + b, 0)
-    codes = adaround.round_layer("dense", w, b, scale, -qmax, qmax, x, y, "relu", iterations=400, seed=0)
+    # All 256 samples in every step: deterministic (with 32 per step the error over 20 seeds was 0.383 +- 0.004,
+    # and 0.379 +- 0.005 with the loop before issue 23; single seeds range 0.35-0.42).
+    codes = adaround.round_layer("dense", w, b, scale, -qmax, qmax, x, y, "relu", iterations=400, batch_size=256)
     assert np.all(codes == np.round(codes)) and codes.min() >= -qmax and codes.max() <= qmax
     assert np.all(np.abs(codes - w / scale) < 1.0 + 1e-5)  # floor or ceil of the float weight
     nearest = np.clip(np.round(w / scale), -qmax, qmax)
     assert np.mean(codes != nearest) > 0.01  # it really chose differently somewhere
     error = lambda c: np.mean((np.maximum(x @ (c * scale) + b, 0) - y) ** 2)  # noqa: E731
-    assert error(codes) < 0.9 * error(nearest)  # measured: 0.248 vs 0.314
+    assert error(codes) < 0.9 * error(nearest)  # measured: 0.341 vs 0.440
 
 
 def test_rectified_sigmoid_init_starts_at_float_weight():

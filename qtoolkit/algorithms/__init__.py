@@ -62,7 +62,7 @@ class _AdaRound:
 
     def run(self, rewritten, options, state: State) -> dict:
         times = _adaround.adaround(rewritten, state.inputs, options.adaround_iterations, options.adaround_reg,
-                                   log=state.log)
+                                   log=state.log, progress=state.progress)
         return {"iterations": options.adaround_iterations, "seconds": times}
 
 
@@ -115,11 +115,15 @@ def before_calibration(rewritten, options, model=None) -> dict:
     return _run_stage("before_calibration", rewritten, options, state, {"_state": state})
 
 
-def after_calibration(rewritten, options, inputs=None, model=None, report=None, log=None) -> dict:
-    """The algorithms that run once ranges are calibrated (AdaRound, then bias correction). Returns the report."""
+def after_calibration(rewritten, options, inputs=None, model=None, report=None, log=None,
+                      progress: bool = True) -> dict:
+    """The algorithms that run once ranges are calibrated (AdaRound, then bias correction). Returns the report.
+
+    `progress` shows AdaRound's progress bar (layers done, the current one) on stderr when it is a terminal.
+    """
     report = dict(report or {})
     state = report.pop("_state", None) or State(model=model)
-    state.inputs, state.log = inputs, log
+    state.inputs, state.log, state.progress = inputs, log, progress
     state.model = state.model if state.model is not None else model
     return _run_stage("after_calibration", rewritten, options, state, report)
 

@@ -12,21 +12,38 @@ schedule), which pushes every h(V) to 0 or 1.  x is the layer's input in the
 float model and x~ in the quantized model with the layers before it already
 rounded (the paper's asymmetric reconstruction).  The result is on the same
 grid as nearest rounding and within one step of the float weight.
+
+How it runs fast (docs/algorithms.md, "Cost"): the layer inputs come from one
+pass through each model that pauses before every layer (`layer_inputs`); a
+convolution is optimised as a matrix product over rows, one row per output
+position (its receptive field, `rows.py`), sampled across all samples and
+positions; the whole loop of one layer is one TensorFlow graph (a
+`tf.while_loop` with Adam written out), shared by the layers of one form; and
+the loop stops once every h(V) is exactly 0 or 1 after the warm-up, from where
+no gradient can change the rounding.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 
 import numpy as np
 import tensorflow as tf
-import tf_keras as keras
 
 from qtoolkit import quantizers as q
-from qtoolkit.rewrite.layers import FoldedConv, activate, conv_op
+from qtoolkit.algorithms import rows as _rows
+from qtoolkit.algorithms.layer_inputs import LayerInputs
+from qtoolkit.rewrite.layers import FoldedConv, activate
 
 ZETA, GAMMA = 1.1, -0.1
 DEFAULT_ITERATIONS = 1000
+# |V| beyond which h(V) is clipped to exactly 0 or 1 (sigmoid(V) (zeta - gamma) + gamma outside [0, 1]):
+# its gradient is zero there, from the reconstruction and the regulariser alike.
+SATURATED = math.log((ZETA - GAMMA) / -GAMMA - 1) + 1e-3
+MAX_ROWS = 1024  # output positions per step at most (measured: docs/algorithms.md, "Cost")
+ADAM = (0.9, 0.999, 1e-7)  # beta_1, beta_2, epsilon of Keras' Adam, written out in the loop
 
 
 def grid_of(layer: FoldedConv):
@@ -53,66 +70,111 @@ def init_v(rest: np.ndarray) -> np.ndarray:
     return -np.log((ZETA - GAMMA) / (rest - GAMMA) - 1).astype(np.float32)
 
 
+def _optimise(rows, targets, w_floor, scale, bias, v, qmin, qmax, reg, beta_start, beta_end, warm, iterations,
+              batch, seed, learning_rate, form: str, activation: str, full: bool):
+    """The optimisation loop of one layer in the row form; returns (iterations run, V)."""
+    count = tf.shape(rows)[0]
+    b1, b2, eps = ADAM
+
+    def body(i, v, m, s):
+        if full:
+            x, y = rows, targets
+        else:
+            idx = tf.random.stateless_uniform([batch], tf.stack([seed, i]), 0, count, tf.int32)
+            x, y = tf.gather(rows, idx), tf.gather(targets, idx)
+        frac = tf.cast(tf.maximum(i - warm, 0), tf.float32) / tf.cast(tf.maximum(iterations - warm, 1), tf.float32)
+        exponent = beta_start - (beta_start - beta_end) * frac  # linear decay after the warm-up, as AIMET
+        lam = tf.where(i < warm, 0.0, reg)
+        with tf.GradientTape() as tape:
+            tape.watch(v)
+            h = rectified_sigmoid(v)
+            out = activate(_rows.forward(x, scale * tf.clip_by_value(w_floor + h, qmin, qmax), form) + bias,
+                           activation)
+            # AIMET's reconstruction loss: squared error summed over channels, mean over rows.
+            loss = (tf.reduce_mean(tf.reduce_sum(tf.square(out - y), axis=-1))
+                    + lam * tf.reduce_sum(1.0 - tf.pow(tf.abs(2.0 * h - 1.0), exponent)))
+        g = tape.gradient(loss, v)
+        m = m + (g - m) * (1 - b1)
+        s = s + (g * g - s) * (1 - b2)
+        t = tf.cast(i + 1, tf.float32)
+        v = v - learning_rate * tf.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (tf.sqrt(s) + eps)
+        return i + 1, v, m, s
+
+    def cond(i, v, m, s):
+        converged = tf.logical_and(i > warm, tf.reduce_all(tf.abs(v) >= SATURATED))
+        return tf.logical_and(i < iterations, tf.logical_not(converged))
+
+    zeros = tf.zeros_like(v)
+    i, v, _, _ = tf.while_loop(cond, body, (tf.constant(0), v, zeros, zeros))
+    return i, v
+
+
+_LOOPS: dict = {}
+
+
+def _loop(form: str, activation: str, full: bool):
+    """One traced graph per row form and activation, shared by the layers: shapes are left open."""
+    key = (form, activation, full)
+    if key not in _LOOPS:
+        rank = 3 if form.startswith("depthwise") else 2
+        spec = lambda r, dtype=tf.float32: tf.TensorSpec([None] * r, dtype)  # noqa: E731
+        signature = [spec(rank), spec(2), spec(rank), spec(rank), spec(1), spec(rank), *[spec(0)] * 5,
+                     *[spec(0, tf.int32)] * 4, spec(0)]
+
+        def loop(*args):
+            return _optimise(*args, form=form, activation=activation, full=full)
+
+        _LOOPS[key] = tf.function(loop, input_signature=signature)
+    return _LOOPS[key]
+
+
 def round_layer(kind: str, kernel: np.ndarray, bias: np.ndarray, scale: np.ndarray, qmin: int, qmax: int,
-                x_q: np.ndarray, y_float: np.ndarray, activation: str = "linear", conv_args=None,
+                x_q, y_float, activation: str = "linear", conv_args=None,
                 iterations: int = DEFAULT_ITERATIONS, reg: float = 0.01, beta=(20.0, 2.0), warmup: float = 0.2,
-                batch_size: int = 32, learning_rate: float = 1e-2, seed: int = 0) -> np.ndarray:
+                batch_size: int = 32, learning_rate: float = 1e-2, seed: int = 0, max_rows: int = MAX_ROWS,
+                stats: dict | None = None) -> np.ndarray:
     """Learns the rounding of one layer; returns the integer codes (same shape as `kernel`).
 
     Args:
-      kind, kernel, bias: the layer ("conv2d", "depthwise" or "dense").
+      kind, kernel, bias: the layer ("conv2d", "conv1d", "depthwise" or "dense").
       scale, qmin, qmax: its weight grid (scale broadcasts against the kernel).
       x_q: the layer's inputs in the quantized model, [N, ...].
       y_float: the float layer's outputs (after its activation) for the same samples.
       activation: the fused activation ("linear", "relu", "relu6").
       conv_args: strides, padding, dilation_rate for conv kinds.
-      iterations: optimisation steps (Adam), batch_size samples each.
+      iterations: optimisation steps (Adam) at most; the loop stops earlier once every h(V) is 0 or 1.
       reg: lambda of the rounding regulariser.
       beta: (start, end) of the annealed exponent.
       warmup: fraction of iterations without the regulariser.
+      batch_size: samples per step: each step draws batch_size * (output positions per sample) rows, at most
+        `max_rows`, at random over all samples and positions.
+      seed: of the row sampling.
+      stats: if given, receives "iterations" (run) and "rows" (per step).
     """
     conv_args = conv_args or {"strides": (1, 1), "padding": "valid", "dilation_rate": (1, 1)}
+    scale = np.broadcast_to(np.asarray(scale, np.float32), kernel.shape)
     w_floor = np.floor(kernel / scale).astype(np.float32)
-    v = tf.Variable(init_v(kernel / scale - w_floor))
-    w_floor_t, scale_t = tf.constant(w_floor), tf.constant(scale)
-    bias_t = tf.constant(bias.astype(np.float32))
-    opt = keras.optimizers.Adam(learning_rate)
-    x_all, y_all = tf.constant(x_q), tf.constant(y_float)
-    n = x_q.shape[0]
-    warm = int(warmup * iterations)
-
-    def soft_kernel():
-        return scale_t * tf.clip_by_value(w_floor_t + rectified_sigmoid(v), qmin, qmax)
-
-    @tf.function
-    def step(idx, b, lam):
-        x, y = tf.gather(x_all, idx), tf.gather(y_all, idx)
-        with tf.GradientTape() as tape:
-            out = activate(tf.nn.bias_add(conv_op(kind, x, soft_kernel(), conv_args["strides"],
-                                                  conv_args["padding"], conv_args["dilation_rate"]), bias_t),
-                           activation)
-            # AIMET's reconstruction loss: squared error summed over channels, mean over samples/positions.
-            rec = tf.reduce_mean(tf.reduce_sum(tf.square(out - y), axis=-1))
-            h = rectified_sigmoid(v)
-            round_loss = lam * tf.reduce_sum(1.0 - tf.pow(tf.abs(2.0 * h - 1.0), b))
-            loss = rec + round_loss
-        opt.apply_gradients([(tape.gradient(loss, v), v)])
-        return rec
-
+    v0 = init_v(kernel / scale - w_floor)
     rng = np.random.default_rng(seed)
-    for i in range(iterations):
-        idx = rng.choice(n, size=min(batch_size, n), replace=False)
-        if i < warm:
-            b, lam = beta[0], 0.0
-        else:
-            frac = (i - warm) / max(1, iterations - warm)
-            b, lam = beta[0] - (beta[0] - beta[1]) * frac, reg  # linear decay, as AIMET
-        step(tf.constant(idx), tf.constant(b, tf.float32), tf.constant(lam, tf.float32))
-    return np.clip(w_floor + (v.numpy() >= 0).astype(np.float32), qmin, qmax)
+    rows, targets, per_sample = _rows.layer_rows(kind, kernel.shape, x_q, y_float, conv_args, rng)
+    form = _rows.form(kind, kernel.shape)
+    batch = int(min(batch_size * per_sample, max_rows, rows.shape[0]))
+    full = batch == rows.shape[0]
+    matrix = lambda a: tf.constant(_rows.kernel_matrix(kind, np.ascontiguousarray(a)))  # noqa: E731
+    warm = int(warmup * iterations)
+    ran, v = _loop(form, activation, full)(
+        rows, targets, matrix(w_floor), matrix(scale), tf.constant(bias.astype(np.float32)), matrix(v0),
+        tf.constant(float(qmin)), tf.constant(float(qmax)), tf.constant(float(reg)), tf.constant(float(beta[0])),
+        tf.constant(float(beta[1])), tf.constant(warm), tf.constant(int(iterations)), tf.constant(batch),
+        tf.constant(int(seed)), tf.constant(float(learning_rate)))
+    if stats is not None:
+        stats.update(iterations=int(ran), rows=batch)
+    v = _rows.kernel_array(kind, v.numpy(), kernel.shape)
+    return np.clip(w_floor + (v >= 0).astype(np.float32), qmin, qmax)
 
 
 def adaround(rewritten, inputs, iterations: int = DEFAULT_ITERATIONS, reg: float = 0.01, batch_size: int = 32,
-             max_samples: int = 512, log=None) -> dict[str, float]:
+             max_samples: int = 512, log=None, progress: bool = True) -> dict[str, float]:
     """AdaRound on every weight-quantized FoldedConv of `rewritten.model`, in graph order, in place.
 
     Activation ranges must be calibrated (the inputs x~ come from the
@@ -125,29 +187,57 @@ def adaround(rewritten, inputs, iterations: int = DEFAULT_ITERATIONS, reg: float
       iterations, reg, batch_size: see `round_layer`.
       max_samples: calibration samples used (memory: layer inputs are held).
       log: function taking progress messages, or None.
+      progress: show a progress bar of the layers on stderr (when it is a terminal).
 
     Returns:
       layer name -> seconds, plus "total".
     """
     twin, qmodel = rewritten.float_model, rewritten.model
-    inputs = [a[:max_samples] for a in inputs]
-    feed = inputs if len(inputs) > 1 else inputs[0]
+    inputs = [np.asarray(a[:max_samples], np.float32) for a in inputs]
+    layers = [layer for layer in qmodel.layers
+              if isinstance(layer, FoldedConv) and layer.weight_quantizer is not None]
+    quantized, floating = LayerInputs(qmodel, inputs), LayerInputs(twin, inputs)
     times = {}
     start = time.perf_counter()
-    for layer in qmodel.layers:
-        if not isinstance(layer, FoldedConv) or layer.weight_quantizer is None:
-            continue
+    bar = _progress(len(layers), progress)
+    for layer in layers:
         t0 = time.perf_counter()
-        x_q = keras.Model(qmodel.inputs, layer.input).predict(feed, batch_size=128, verbose=0)
-        y_f = keras.Model(twin.inputs, twin.get_layer(layer.name).output).predict(feed, batch_size=128, verbose=0)
+        bar.set_postfix_str(layer.name)
+        x_q = quantized.inputs_of(layer.name)[0]
+        floating.inputs_of(layer.name)
+        y_f = floating.run_next()[0]
         scale, qmin, qmax = grid_of(layer)
         kernel = layer.kernel.numpy()
+        stats = {}
         codes = round_layer(layer.kind, kernel, layer.bias.numpy(), scale, qmin, qmax, x_q, y_f, layer.activation,
                             {"strides": layer.strides, "padding": layer.padding, "dilation_rate": layer.dilation_rate},
-                            iterations, reg, batch_size=batch_size)
+                            iterations, reg, batch_size=batch_size, stats=stats)
         layer.kernel.assign((codes * scale).astype(np.float32))
         times[layer.name] = time.perf_counter() - t0
+        bar.update(1)
         if log:
-            log(f"adaround {layer.name}: {kernel.size} weights, {times[layer.name]:.1f} s")
+            log(f"adaround {layer.name}: {kernel.size} weights, {stats['iterations']}/{iterations} iterations "
+                f"({stats['rows']} rows each), {times[layer.name]:.1f} s")
+    bar.close()
     times["total"] = time.perf_counter() - start
     return times
+
+
+class _NoBar:
+    def set_postfix_str(self, text):
+        pass
+
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="adaround", unit="layer", file=sys.stderr, leave=False,
+                disable=None)  # disable=None: off when stderr is not a terminal

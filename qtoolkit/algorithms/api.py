@@ -28,6 +28,7 @@ class State:
       model: the user's float Keras model (its batch norms give statistics; never modified).
       inputs: calibration samples held in memory (one array per input) for algorithms that need data, or None.
       log: progress messages, or None.
+      progress: whether long algorithms show a progress bar (on stderr, when it is a terminal).
       cle_scales: per-pair equalization scales, once CLE ran.
       bn_stats: layer -> (beta, gamma) of the pre-activation statistics, once high-bias absorption moved them.
     """
@@ -35,6 +36,7 @@ class State:
     model: Any = None
     inputs: Optional[list] = None
     log: Optional[Callable[[str], None]] = None
+    progress: bool = True
     cle_scales: Optional[dict] = None
     bn_stats: Optional[dict] = None
 
