@@ -130,6 +130,24 @@ def pack_int4_weights(data: bytes) -> tuple[bytes, Int4Report]:
     Raises:
       Int4Error: the bytes are not a TFLite model, or no weight tensor fits in 4 bits.
     """
+    return _rewrite_weights(data, pack=True)
+
+
+def regrid_int8_weights(data: bytes) -> tuple[bytes, Int4Report]:
+    """Returns `data` with weights the converter re-quantized to 8 bits put back on their 4-bit grid, in int8.
+
+    The converter re-quantizes a 4-bit-grid FULLY_CONNECTED kernel to int8 with scale max|w| / 127, which
+    moves every weight off its grid by up to half an 8-bit step; here each such channel is stored as its
+    4-bit integers with the grid's scale (bias codes rescaled), so the file computes with exactly the
+    weights that were simulated or trained. Values that are on no grid of at most 15 levels stay as they
+    are. For files whose weights are meant to be below 8 bits only (w4a8): an 8-bit channel that happens
+    to fit a coarse grid keeps its values but has its bias codes rounded once more.
+    """
+    return _rewrite_weights(data, pack=False)
+
+
+def _rewrite_weights(data: bytes, pack: bool) -> tuple[bytes, Int4Report]:
+    """`pack_int4_weights` (pack) or `regrid_int8_weights` (not)."""
     import flatbuffers
     from tensorflow.lite.python import schema_py_generated as schema
 
@@ -170,10 +188,16 @@ def pack_int4_weights(data: bytes) -> tuple[bytes, Int4Report]:
                     continue
                 values = grid
                 regridded.append(name)
-            buf.data = np.frombuffer(pack_nibbles(values), np.uint8)
-            t.type = schema.TensorType.INT4
+            if pack:
+                buf.data = np.frombuffer(pack_nibbles(values), np.uint8)
+                t.type = schema.TensorType.INT4
+            else:
+                buf.data = np.frombuffer(np.asarray(values, np.int8).tobytes(), np.uint8)
             packed.append(name)
-    if not packed and not already:
+    if not pack:
+        if not regridded:
+            return bytes(data), Int4Report([], already, [], kept, len(data), len(data))
+    elif not packed and not already:
         reasons = "; ".join(f"{n}: {r}" for n, r in kept) or "no CONV_2D/DEPTHWISE_CONV_2D/FULLY_CONNECTED weights"
         raise Int4Error(f"no weight tensor fits in 4 bits ({reasons}); export with the w4a8 scheme first")
     builder = flatbuffers.Builder(len(data))
