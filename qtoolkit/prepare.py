@@ -212,7 +212,7 @@ def prepare(model: Any, calibration_data: Any, scheme: Any = "int8", *,
         seconds["calibrate"] = calibration.seconds
         if algo is not None:
             algorithm_report = algorithms.after_calibration(rewritten, algo, cal_inputs, keras_model,
-                                                            algorithm_report, log)
+                                                            algorithm_report, log, progress=progress)
             if algorithm_report:
                 seconds["algorithms"] = _algorithm_seconds(algorithm_report)
     elif cal_inputs is None:
