@@ -11,6 +11,7 @@ import tf_keras as keras
 import qtoolkit
 from helpers import SIMULATION_GAP_STEPS, TWIN_ATOL, tflite_graph
 from qtoolkit import export, rewrite, schemes, verify
+from qtoolkit.prepare import prepare
 from qtoolkit.zoo.shapes import mobilevit_block, vit_block
 
 L = keras.layers
@@ -64,7 +65,8 @@ def test_layernorm_float_twin_matches_the_layer(epsilon, center, scale):
 def test_layernorm_is_int8_l2_normalization_and_matches_its_simulation():
     model = _layernorm_model()
     x = _tokens()
-    r = qtoolkit.ptq(model, x, "int8", progress=False)
+    prepared = prepare(model, x, "int8", progress=False)
+    r = qtoolkit.ptq(prepared, progress=False)
     assert r.inspection.float_ops == [] and r.float_layers == ()
     ops = _ops(r.tflite)
     assert ops.count("L2_NORMALIZATION") == 1 and "RSQRT" not in ops, ops
@@ -73,7 +75,13 @@ def test_layernorm_is_int8_l2_normalization_and_matches_its_simulation():
     ranges = r.calibration.ranges
     assert ranges["ln_centered_quant"] == ranges["tokens_quant"]
     np.testing.assert_allclose(ranges["ln_mean_quant"], ranges["tokens_quant"], rtol=1e-6)
-    assert r.comparisons["simulated vs TFLite"].max_error_steps <= SIMULATION_GAP_STEPS
+    # One step but for near-ties (a value within float noise of a half step, rounded the other way, then one
+    # more rounding): measured 1 output of 24,576 at 2 steps with these ranges (docs/design.md).
+    assert r.comparisons["simulated vs TFLite"].max_error_steps <= 2 * SIMULATION_GAP_STEPS
+    lite, ver = verify.LiteRTModel(r.tflite), prepared.verification_inputs[0]
+    sim = prepared.rewritten.model.predict(ver, verbose=0)
+    gap = np.abs(sim - lite.predict(ver)) / lite.output_details()[0]["quantization"][0]
+    assert np.mean(gap > SIMULATION_GAP_STEPS) <= 1e-3
     # Nearly constant tokens (spread 0.05 on a +-4 range) have a few codes each: both files are far from
     # float on them, the converter's RSQRT decomposition much further (measured: 9.0 vs 17.6 dB).
     converter = export.converter_ptq_tflite(model, lambda: ([x[i:i + 1]] for i in range(256)))
