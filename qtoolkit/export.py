@@ -14,7 +14,6 @@ and activations into int8 with exactly those ranges.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import tempfile
 from typing import Callable, Iterable

@@ -26,13 +26,13 @@ no gradient can change the rounding.
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 import numpy as np
 import tensorflow as tf
 
 from qtoolkit import quantizers as q
+from qtoolkit._progress import progress_bar
 from qtoolkit.algorithms import rows as _rows
 from qtoolkit.algorithms.layer_inputs import LayerInputs
 from qtoolkit.rewrite.layers import FoldedConv, activate
@@ -199,7 +199,7 @@ def adaround(rewritten, inputs, iterations: int = DEFAULT_ITERATIONS, reg: float
     quantized, floating = LayerInputs(qmodel, inputs), LayerInputs(twin, inputs)
     times = {}
     start = time.perf_counter()
-    bar = _progress(len(layers), progress)
+    bar = progress_bar(len(layers), progress, "adaround", "layer")
     for layer in layers:
         t0 = time.perf_counter()
         bar.set_postfix_str(layer.name)
@@ -221,23 +221,3 @@ def adaround(rewritten, inputs, iterations: int = DEFAULT_ITERATIONS, reg: float
     bar.close()
     times["total"] = time.perf_counter() - start
     return times
-
-
-class _NoBar:
-    def set_postfix_str(self, text):
-        pass
-
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="adaround", unit="layer", file=sys.stderr, leave=False,
-                disable=None)  # disable=None: off when stderr is not a terminal

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
 import time
 from typing import Optional
 
@@ -21,6 +20,7 @@ import numpy as np
 
 import tensorflow as tf
 
+from qtoolkit._progress import progress_bar
 from qtoolkit.calibrate.data import Source
 from qtoolkit.calibrate import select
 from qtoolkit.calibrate.observers import make_observer
@@ -123,7 +123,7 @@ def observe(rewritten, source: Source, num_samples: int, scheme: QuantScheme, ba
     cut = _holdout_start(num_samples, batch_size) if auto else num_samples
     before = copy.deepcopy(observers) if auto and first >= cut else None
     kept = []
-    bar = _progress(stop - first, progress)
+    bar = progress_bar(stop - first, progress, "calibrating", "sample")
     seen = first
     for batch in source.take(stop - first, batch_size):
         outputs = run(batch if len(batch) > 1 else batch[0])
@@ -229,14 +229,6 @@ def _float_outputs(rewritten, inputs: list, batch_size: int = 64) -> list:
     return [np.concatenate([p[i] for p in parts]) for i in range(n_out)]
 
 
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
 def _tie_groups(pairs) -> list[list[str]]:
     """The connected groups of quantizer names linked by `pairs` (ties are transitive)."""
     parent: dict[str, str] = {}
@@ -253,12 +245,3 @@ def _tie_groups(pairs) -> list[list[str]]:
     for n in parent:
         groups.setdefault(root(n), []).append(n)
     return list(groups.values())
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="calibrating", unit="sample", file=sys.stderr, leave=False,
-                disable=None)  # disable=None: off when stderr is not a terminal

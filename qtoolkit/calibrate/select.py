@@ -39,12 +39,13 @@ units are flipped together in blocks, so the sweep fits.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
+
+from qtoolkit._progress import progress_bar
 
 CANDIDATES = ("minmax", "mse")
 
@@ -207,7 +208,7 @@ def select_ranges(rewritten, inputs: list, references: list, units: Sequence[Uni
         apply(u, best)
     current = errors[best] if n == n_total else error(n)
     evaluations += n != n_total
-    bar = _progress(len(blocks), progress and bool(blocks))
+    bar = progress_bar(len(blocks), progress and bool(blocks), "choosing ranges", "flip")
     for block in blocks:
         for u in block:
             apply(u, _other(choice[u.names]))
@@ -236,19 +237,3 @@ def select_ranges(rewritten, inputs: list, references: list, units: Sequence[Uni
 
 def _other(method: str) -> str:
     return "mse" if method == "minmax" else "minmax"
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="choosing ranges", unit="flip", file=sys.stderr, leave=False, disable=None)
