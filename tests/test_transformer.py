@@ -186,15 +186,21 @@ def test_dense_on_tokens_with_gelu_is_fully_connected_and_gelu():
     assert r.comparisons["simulated vs TFLite"].max_error_steps <= SIMULATION_GAP_STEPS
 
 
-@pytest.fixture(scope="module")
-def trained_vit():
+def _trained(build):
+    """`build()` trained 2 epochs on the 16x16 digits (seed 0), and the data."""
     from qtoolkit.zoo.shapes import _images
 
     x, y, xt, yt = _images()
     keras.utils.set_random_seed(0)
-    model = vit_block()
+    model = build()
     model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    return model, x, xt
+
+
+@pytest.fixture(scope="module")
+def trained_vit():
+    model, _, xt = _trained(vit_block)
     return model, xt
 
 
@@ -223,13 +229,7 @@ def test_vit_block_is_fully_integer_and_far_above_the_converter(trained_vit):
 
 @pytest.mark.slow  # trains the hybrid (2 epochs): about 40 s on 2 shared cores
 def test_mobilevit_hybrid_is_fully_integer_and_above_the_converter():
-    from qtoolkit.zoo.shapes import _images
-
-    x, y, xt, _ = _images()
-    keras.utils.set_random_seed(0)
-    model = mobilevit_block()
-    model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    model, x, xt = _trained(mobilevit_block)
     r = qtoolkit.ptq(model, x[:300], "int8", verification_data=xt, progress=False)
     assert r.inspection.float_ops == [] and r.float_layers == ()
     ours = r.comparisons["float vs TFLite"]
