@@ -33,7 +33,7 @@ from typing import Optional
 import numpy as np
 import tf_keras as keras
 
-from qtoolkit.qat import export_tflite, is_chief, set_schedule
+from qtoolkit.qat import export_tflite, is_chief, set_schedule, student_of
 
 
 class QuantizationCallback(keras.callbacks.Callback):
@@ -160,8 +160,8 @@ class QuantizationCallback(keras.callbacks.Callback):
         tfl = verify.LiteRTModel(data)
         int8_out = tfl.predict(list(x) if isinstance(x, tuple) else x)
         int8_out = int8_out if isinstance(int8_out, list) else [int8_out]
-        keras_out = verify.predict_keras(self.model, x, batch_size=256, all_outputs=True)
-        names = export.output_names(self.model)[:len(int8_out)]
+        keras_out = verify.predict_keras(student_of(self.model), x, batch_size=256, all_outputs=True)
+        names = export.output_names(student_of(self.model))[:len(int8_out)]
         found, score = self._measure(names, keras_out, int8_out, y, [tfl.output_step(i) for i in range(len(names))])
         logs = logs if logs is not None else {}
         logs.update(found)

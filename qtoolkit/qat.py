@@ -27,7 +27,7 @@ from qtoolkit.schemes import QuantScheme, load as load_scheme
 
 def quantize_model(model, scheme: Any = "int8", *, ema_decay: float = 0.999, calibration_data: Any = None,
                    num_calibration_samples: int = 256, strict: bool = False,
-                   bn_correction: bool = True) -> keras.Model:
+                   bn_correction: bool = True, weight_range: str = "max") -> keras.Model:
     """A trainable model with fake quant on weights and activations (straight-through gradients).
 
     Args:
@@ -41,12 +41,18 @@ def quantize_model(model, scheme: Any = "int8", *, ema_decay: float = 0.999, cal
       strict: fail if a layer cannot be quantized.
       bn_correction: fold batch norm with the paper's correction (default);
         False folds naively with the batch sigma (for ablations only).
+      weight_range: "max" (max |w| per channel, TFMOT's "last value") or "mse" (per channel the clipping of
+        max |w| with the least squared weight error, recomputed every step; docs/qat.md).
 
     Returns:
       A model of the same Keras version to compile and fit (Keras 3: its own compile/fit, optimizers,
       callbacks); save it with `model.save` and load it with `custom_objects=qtoolkit.custom_objects()`.
     """
     scheme = scheme if isinstance(scheme, QuantScheme) else load_scheme(scheme)
+    from qtoolkit.rewrite.qat_layers import WEIGHT_RANGES
+
+    if weight_range not in WEIGHT_RANGES:
+        raise ValueError(f"weight_range must be one of {', '.join(WEIGHT_RANGES)}, got {weight_range!r}")
     if scheme.activations is None:
         raise ValueError("quantize_model needs a scheme with activation quantization (not weight_only_int8)")
     from qtoolkit import loading
@@ -63,6 +69,7 @@ def quantize_model(model, scheme: Any = "int8", *, ema_decay: float = 0.999, cal
     for layer in result.model.layers:
         if isinstance(layer, QATFoldedConv):
             layer.bn_correction = bn_correction
+            layer.weight_range = weight_range
     if calibration_data is not None:
         from qtoolkit import calibrate
 
@@ -96,7 +103,7 @@ def to_inference_model(qat_model) -> keras.Model:
     model = keras.models.clone_model(qat_model, clone_function=clone)
     for src, dst in zip(qat_model.layers, model.layers):
         if isinstance(src, QATFoldedConv):
-            kernel, bias = src.folded()
+            kernel, bias = src.deployed()  # on the trained grid: calibrate_weights finds its range again
             dst.set_weights([kernel.numpy(), bias.numpy()] + [w.numpy() for w in dst.weights[2:]])
             dst.calibrate_weights()
         elif isinstance(src, QATQuantizeActivation):
@@ -139,6 +146,7 @@ def export_tflite(qat_model, path: Optional[str] = None, io_dtype: str = "int8",
         export.check_writable(path)
     from qtoolkit.rewrite import keras3
 
+    qat_model = student_of(qat_model)
     if keras3.is_keras3(qat_model):  # a Keras 3 QAT model: its tf_keras twin (same variables) is exported
         qat_model = keras3.to_tf_keras(qat_model)
     inference = to_inference_model(qat_model)
@@ -152,10 +160,59 @@ def export_tflite(qat_model, path: Optional[str] = None, io_dtype: str = "int8",
     return data, export.inspect(data)
 
 
+class Distiller(keras.Model):
+    """Trains a tf_keras QAT model with distillation from the float model it was made from.
+
+        qat_model = qtoolkit.quantize_model(model, "w4a8", weight_range="mse")
+        trainer = qtoolkit.qat.Distiller(qat_model, model)          # model: the float teacher, never trained
+        trainer.compile(keras.optimizers.Adam(1e-4), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        trainer.fit(x, y, callbacks=[QuantizationCallback(...)])     # the callback drives `qat_model`
+        qtoolkit.export_tflite(qat_model, "model_int8.tflite")
+
+    The loss is `alpha` * the compiled loss on the labels + (1 - alpha) * T² * KL(softmax(teacher / T) ||
+    softmax(student / T)) (Hinton et al.), for one output of logits. The teacher runs in inference mode and
+    is not tracked by the trainer (its weights are neither trained nor saved with it).
+
+    Args:
+      student: the QAT model (`quantize_model`'s tf_keras model); `trainer.student`.
+      teacher: the float model (same inputs, logits out).
+      alpha: weight of the labels' loss; 1.0 is plain QAT.
+      temperature: T of the soft targets.
+    """
+
+    def __init__(self, student, teacher, alpha: float = 0.5, temperature: float = 2.0, **kwargs):
+        from qtoolkit.rewrite import keras3
+
+        if keras3.is_keras3(student):
+            raise TypeError("Distiller trains tf_keras QAT models; a Keras 3 QAT model has no distiller yet")
+        super().__init__(**kwargs)
+        if not 0.0 <= alpha <= 1.0 or temperature <= 0:
+            raise ValueError(f"alpha must be in [0, 1] and temperature > 0, got {alpha} and {temperature}")
+        self.student, self.alpha, self.temperature = student, float(alpha), float(temperature)
+        self._teacher = lambda x: teacher(x, training=False)  # a closure: not tracked, not trained
+
+    def call(self, inputs, training=None):
+        return self.student(inputs, training=training)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None):
+        import tensorflow as tf
+
+        hard = super().compute_loss(x, y, y_pred, sample_weight)
+        t = self.temperature
+        soft = tf.stop_gradient(tf.nn.softmax(self._teacher(x) / t))
+        kl = tf.reduce_mean(tf.reduce_sum(soft * (tf.math.log(soft + 1e-12) - tf.nn.log_softmax(y_pred / t)), -1))
+        return self.alpha * hard + (1.0 - self.alpha) * t * t * kl
+
+
+def student_of(model):
+    """The QAT model a Distiller trains, or `model` itself."""
+    return model.student if isinstance(model, Distiller) else model
+
+
 def set_schedule(model, *, quant_active: Optional[bool] = None, bn_frozen: Optional[bool] = None,
                  ranges_frozen: Optional[bool] = None) -> None:
-    """Switches the QAT schedule flags of every QAT layer of `model`."""
-    for layer in model.layers:
+    """Switches the QAT schedule flags of every QAT layer of `model` (a Distiller's student's)."""
+    for layer in student_of(model).layers:
         for name, value in (("quant_active", quant_active), ("bn_frozen", bn_frozen),
                             ("ranges_frozen", ranges_frozen)):
             var = getattr(layer, name, None)

@@ -9,6 +9,12 @@ and the training step time. Then w4a8 (4-bit weights): float, PTQ and QAT.
     python scripts/bench_qat.py [--epochs 1] [--train_samples 60000] [--seeds 0,1,2] [--model mobilenet_v1_fmnist]
                                 [--bn_freeze never|half|start] [--keras 2|3]
 
+With --cifar PATH (the tar of CIFAR-10 JPEGs in ../shared/data/) it runs scripts/bench_qat_cifar.py instead:
+pretrained CIFAR-10 ResNet-8 and MobileNet-style networks, int8 and w4a8, qtoolkit vs TFMOT, mean ± standard
+error over --seeds (every other flag goes to that script):
+
+    python scripts/bench_qat.py --cifar ../shared/data/cifar10_train_10k_jpg.tar --seeds 0,1,2
+
 With --keras 3 the float fine-tune and qtoolkit's QAT run on the reference model built with Keras 3 (the same
 weights; Keras 3's compile/fit); TFMOT, which accepts only Keras 2, runs on the tf_keras build.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import keras as keras3  # Keras 3, for --keras 3
@@ -60,7 +67,12 @@ def fine_tune(qm, x, y, epochs, seed, callbacks=()):
 
 
 def main():
+    if any(a == "--cifar" or a.startswith("--cifar=") for a in sys.argv[1:]):
+        from bench_qat_cifar import main as cifar  # scripts/ is on sys.path: this script's folder
+
+        return cifar(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cifar", help="run scripts/bench_qat_cifar.py on this CIFAR-10 tar instead (its flags)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--train_samples", type=int, default=60000)
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; each tool is run once per seed, "

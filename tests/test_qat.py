@@ -117,6 +117,51 @@ def test_exported_weights_equal_fake_quantized_folded_weights(scheme):
             assert max(len(np.unique(c)) for c in per_channel) <= 16
 
 
+def test_mse_weight_range_clips_where_it_helps_and_is_what_is_exported():
+    """weight_range="mse": per channel a clipped bound, no larger than max |w|, whose grid has no larger
+    squared error; the exported int8 weights are exactly the layer's fake-quantized folded kernel."""
+    model = models.conv_bn_relu((8, 8, 1))
+    qm = qat.quantize_model(model, "w4a8", weight_range="mse")
+    layer = [l for l in qm.layers if isinstance(l, QATFoldedConv)][0]
+    kernel = layer.folded()[0]
+    flat = kernel.numpy().reshape(-1, layer.units)
+    mse = layer.deployed()[0].numpy().reshape(-1, layer.units)
+    layer.weight_range = "max"
+    top = layer.deployed()[0].numpy().reshape(-1, layer.units)
+    assert (np.abs(mse).max(0) <= np.abs(flat).max(0) + 1e-6).all()
+    assert (((mse - flat) ** 2).sum(0) <= ((top - flat) ** 2).sum(0) + 1e-9).all()
+    layer.weight_range = "mse"
+    data, _ = qat.export_tflite(qm)
+    (op, w), = [e for e in _int8_weights(data) if e[0] == "CONV_2D"][:1]
+    np.testing.assert_allclose(w, mse.reshape(layer.kernel_shape).transpose(3, 0, 1, 2), rtol=0,
+                               atol=1e-6 * np.abs(mse).max())
+    with pytest.raises(ValueError, match="weight_range"):
+        qat.quantize_model(model, "w4a8", weight_range="lsq")
+
+
+def test_distiller_trains_the_qat_model_and_leaves_the_teacher():
+    """Distiller: alpha=1 is the plain loss; the callback drives and exports the student; the teacher's
+    weights are neither trained nor part of the trainer."""
+    model = models.conv_bn_relu((8, 8, 1))
+    x = random_inputs(model, 32)
+    y = np.arange(32) % model.output_shape[-1]
+    before = [w.copy() for w in model.get_weights()]
+    qm = qat.quantize_model(model, "w4a8")
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    plain = qat.Distiller(qm, model, alpha=1.0)
+    plain.compile(keras.optimizers.Adam(0.0), loss)
+    qm.compile(loss=loss)
+    np.testing.assert_allclose(plain.evaluate(x, y, verbose=0), qm.evaluate(x, y, verbose=0), rtol=1e-5)
+    trainer = qat.Distiller(qm, model, alpha=0.5, temperature=2.0)
+    trainer.compile(keras.optimizers.Adam(1e-3), loss)
+    callback = QuantizationCallback(validation_data=(x, y), bn_freeze_step=1)
+    trainer.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
+    assert len(trainer.trainable_weights) == len(qm.trainable_weights)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    assert all(l.bn_frozen.numpy() for l in qm.layers if isinstance(l, QATFoldedConv) and l.has_bn)
+    assert abs(callback.history[-1]["val_int8_accuracy"] - callback.history[-1]["val_qat_accuracy"]) <= 1 / 32
+
+
 def test_ema_ranges_and_quant_delay():
     model = models.conv_bn_relu((8, 8, 1))
     qm = qat.quantize_model(model, "int8", ema_decay=0.9)

@@ -119,6 +119,24 @@ def _is_training(training) -> bool:
     return bool(training)
 
 
+# Weight ranges of QAT: "max" (max |w| per channel) or "mse" (clipped where that lowers the squared error).
+WEIGHT_RANGES = ("max", "mse")
+WEIGHT_RATIOS = tuple(0.3 + 0.05 * i for i in range(15))  # fractions of max |w| tried by "mse" (0.3 ... 1.0)
+
+
+def _mse_bound(flat, a, bits, narrow_range, axes):
+    """Per channel (last axis; all of `flat` when `axes` is None) the bound r * a, r in WEIGHT_RATIOS, whose
+    symmetric quantization of `flat` has the least squared error (ties: the larger r)."""
+    top = float(2 ** (bits - 1) - 1) if narrow_range else float(2 ** (bits - 1)) - 0.5
+    ratios = tf.constant(WEIGHT_RATIOS[::-1], tf.float32)
+    w = tf.reshape(flat, (-1, flat.shape[-1] if axes is not None else 1))  # (K, C)
+    bounds = ratios[:, None] * tf.reshape(a, (1, -1))  # (R, C)
+    step = bounds[:, None, :] / top  # (R, 1, C)
+    err = tf.reduce_sum(tf.square(tf.clip_by_value(tf.round(w[None] / step), -top, top) * step - w[None]), axis=1)
+    best = tf.gather(tf.transpose(bounds), tf.argmin(err, axis=0), batch_dims=1)  # (C,)
+    return tf.reshape(best, tf.shape(a))
+
+
 class QATFoldedConvMath:
     """The training-time batch-norm folding of QATFoldedConv (see the module docstring), for either Keras.
 
@@ -129,9 +147,12 @@ class QATFoldedConvMath:
 
     def __init__(self, kind, kernel_shape, units, activation="linear", weight_quantizer=None, has_bn=True,
                  epsilon=1e-3, momentum=0.99, strides=(1, 1), padding="valid", dilation_rate=(1, 1),
-                 bn_correction=True, **kwargs):
+                 bn_correction=True, weight_range="max", **kwargs):
         super().__init__(**kwargs)
         self.bn_correction = bool(bn_correction)
+        if weight_range not in WEIGHT_RANGES:
+            raise ValueError(f"weight_range must be one of {WEIGHT_RANGES}, got {weight_range!r}")
+        self.weight_range = weight_range
         if activation not in FUSABLE_ACTIVATIONS:
             raise ValueError(f"activation must be one of {FUSABLE_ACTIVATIONS}, got {activation!r}")
         if isinstance(weight_quantizer, dict):
@@ -164,18 +185,31 @@ class QATFoldedConvMath:
     def _op(self, x, kernel):
         return conv_op(self.kind, x, kernel, self.strides, self.padding, self.dilation_rate)
 
-    def _quantize_kernel(self, kernel):
-        """Per-channel (or per-tensor) symmetric fake quant on the current values (TFMOT's LastValue)."""
+    def _quantize_kernel(self, kernel, always=False):
+        """Per-channel (or per-tensor) symmetric fake quant of the current values.
+
+        The range is max |w| (TFMOT's LastValue) or, with weight_range "mse", max |w| scaled per channel by
+        the ratio of WEIGHT_RATIOS with the least squared rounding + clipping error (recomputed each step;
+        no gradient flows into the range). `always`: quantize whatever `quant_active` says (export).
+        """
         wq = self.weight_quantizer
         if wq is None:
             return kernel
         flat = tf.reshape(kernel, (*self.kernel_shape[:2], self.units)) if self.kind == "depthwise" else kernel
         axes = list(range(flat.shape.rank - 1)) if wq.per_channel else None
-        a = tf.reduce_max(tf.abs(flat), axis=axes)
-        a = tf.maximum(a, 1e-8)
+        a = tf.maximum(tf.reduce_max(tf.abs(flat), axis=axes), 1e-8)
+        if self.weight_range == "mse":
+            a = _mse_bound(tf.stop_gradient(flat), tf.stop_gradient(a), wq.bits, wq.narrow_range, axes)
         out = q.tf_fake_quant(flat, -a, a, wq.bits, wq.narrow_range, axis=-1 if wq.per_channel else None)
         out = tf.reshape(out, self.kernel_shape) if self.kind == "depthwise" else out
+        if always:
+            return out
         return tf.cond(tf.convert_to_tensor(self.quant_active), lambda: out, lambda: tf.identity(kernel))
+
+    def deployed(self):
+        """(kernel, bias) as exported: folded with the moving statistics, the kernel fake-quantized."""
+        kernel, bias = self.folded()
+        return self._quantize_kernel(kernel, always=True), bias
 
     def folded(self):
         """(kernel, bias) folded with the moving statistics: what is deployed."""
@@ -233,7 +267,7 @@ class QATFoldedConvMath:
                 "weight_quantizer": None if self.weight_quantizer is None else self.weight_quantizer.get_config(),
                 "has_bn": self.has_bn, "epsilon": self.epsilon, "momentum": self.momentum,
                 "strides": self.strides, "padding": self.padding, "dilation_rate": self.dilation_rate,
-                "bn_correction": self.bn_correction}
+                "bn_correction": self.bn_correction, "weight_range": self.weight_range}
 
 
 class QATFoldedConv(QATFoldedConvMath, keras.layers.Layer):
@@ -250,6 +284,7 @@ class QATFoldedConv(QATFoldedConvMath, keras.layers.Layer):
       bn_correction: train with the paper's correction (weights folded with the
         moving sigma, outputs rescaled by sigma/sigma_B); False folds naively
         with the batch sigma (the ablation of docs/paper_results.md).
+      weight_range: "max" (max |w| per channel) or "mse" (see `_quantize_kernel`).
     """
 
     def build(self, input_shape):
