@@ -30,6 +30,7 @@ import numpy as np
 from qtoolkit import algorithms
 from qtoolkit import calibrate as cal
 from qtoolkit import export, rewrite
+from qtoolkit.rewrite import bias_grid
 from qtoolkit.loading import LoadedModel, from_memory, load_model
 from qtoolkit.schemes import QuantScheme, load as load_scheme
 
@@ -215,6 +216,8 @@ def prepare(model: Any, calibration_data: Any, scheme: Any = "int8", *,
                                                             algorithm_report, log, progress=progress)
             if algorithm_report:
                 seconds["algorithms"] = _algorithm_seconds(algorithm_report)
+        if fake_quant:  # ranges and weights are final: the simulation adds the int32 bias the file adds
+            bias_grid.snap_biases(rewritten.model)
     elif cal_inputs is None:
         for _ in source.take(n_cal):  # skip the calibration samples: verify on held-out ones
             pass

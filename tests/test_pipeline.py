@@ -205,3 +205,24 @@ def test_saved_model_without_keras_goes_through_the_converter(tmp_path):
     assert any("not available" in n for n in result.notes)
     assert result.inspection.ops.get("CONV_2D") == 1 and result.inspection.fully_quantized
     assert result.comparisons["float vs TFLite"].sqnr_db > 20
+
+
+def test_biases_sit_on_tflites_int32_grid():
+    """After prepare, each conv's float bias is a whole number of s_in * s_w steps: the simulation adds what
+    TFLite's int32 bias adds (scripts/bench_faithful.py: the digits MobileNets went from 2-3 output steps to
+    one), and the file's int32 codes are those numbers."""
+    from qtoolkit.prepare import prepare
+    from qtoolkit.rewrite import bias_grid
+    from qtoolkit.rewrite.layers import FoldedConv
+
+    model = models.conv_bn_relu()
+    prepared = prepare(model, random_inputs(model, 64), "int8", num_verification_samples=8, progress=False)
+    convs = [l for l in prepared.rewritten.model.layers if isinstance(l, FoldedConv)]
+    assert convs
+    for layer in convs:
+        source = bias_grid._input_quantizer(layer)
+        s_in = bias_grid._scale(source.range["min"].numpy(), source.range["max"].numpy(), source.quantizer)
+        s_w = bias_grid._scale(layer.kernel_range["min"].numpy(), layer.kernel_range["max"].numpy(),
+                               layer.weight_quantizer)
+        codes = layer.bias.numpy().astype(np.float64) / (s_in * s_w)
+        np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
