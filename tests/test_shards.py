@@ -34,7 +34,7 @@ def _parts(model, data, n, folder, **kw):
     return paths
 
 
-@pytest.mark.parametrize("method", ["auto", "ema"])
+@pytest.mark.parametrize("method", ["auto", pytest.param("ema", marks=pytest.mark.slow)])
 def test_merged_shards_give_one_pass_ranges(model, data, tmp_path, method):
     """auto: the held-out samples and the observers before them come from the shards that saw them; ema: the
     batch extremes are replayed in stream order. The parts go through files, given out of order."""
