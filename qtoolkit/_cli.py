@@ -44,14 +44,6 @@ OUTPUT = flags.DEFINE_string("output", None, "Where to write the result: the .tf
                              "regression_report).")
 NUM_CALIBRATION = flags.DEFINE_integer(
     "num_calibration_samples", None, "Calibration samples (default: up to 500, leaving the verification samples).")
-BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Calibration batch size.")
-RANGE_METHOD = flags.DEFINE_enum("range_method", None, list(schemes.RANGE_METHODS),
-                                 "Override the scheme's activation range method.")
-MERGE_CALIBRATION = flags.DEFINE_list(
-    "merge_calibration", None, "Calibration parts (.npz, comma-separated) written by `python -m qtoolkit.calibrate "
-    "--calibration_shard i/n`, one per shard (or parts already merged): their merged ranges are used instead of a "
-    "calibration pass, the same ranges one pass over those samples gives; give the --calibration_data, "
-    "--num_calibration_samples, --scheme and --batch_size the shards were given.")
 UNSAFE = flags.DEFINE_bool("allow_unsafe_deserialization", False,
                            "Allow models with serialized Python code (Lambda layers). Only for trusted files.")
 CUSTOM_OBJECTS = flags.DEFINE_string(

@@ -24,13 +24,15 @@ from qtoolkit import _env  # noqa: F401  (before TensorFlow)
 from absl import app, flags
 
 from qtoolkit import _cli  # the flags every tool shares (--model, --scheme, --output, ...), errors, signals
+from qtoolkit import _cli_calibration as _calflags
 from qtoolkit import schemes  # plain data and YAML: no TensorFlow
 from qtoolkit.errors import UsageError  # noqa: F401  (raised here; defined with the others)
 
 flags.adopt_module_key_flags(_cli)  # shown in this tool's --help
+flags.adopt_module_key_flags(_calflags)  # --batch_size, --range_method, --merge_calibration
 _MODEL, _OUTPUT, _CALIBRATION, _SCHEME = _cli.MODEL, _cli.OUTPUT, _cli.CALIBRATION, _cli.SCHEME
 _NUM_CAL, _UNSAFE, _VERBOSE = _cli.NUM_CALIBRATION, _cli.UNSAFE, _cli.VERBOSE
-_RANGE, _BATCH, _MERGE = _cli.RANGE_METHOD, _cli.BATCH_SIZE, _cli.MERGE_CALIBRATION
+_RANGE, _BATCH, _MERGE = _calflags.RANGE_METHOD, _calflags.BATCH_SIZE, _calflags.MERGE_CALIBRATION
 _REPORT = flags.DEFINE_string("report", None, "Write the inspection and verification report as JSON here.")
 _NUM_VER = flags.DEFINE_integer("num_verification_samples", None,
                                 "Held-out samples for verification (default: up to 200, after the calibration ones).")

@@ -21,15 +21,17 @@ from qtoolkit import _env  # noqa: F401  (before TensorFlow)
 from absl import app, flags
 
 from qtoolkit import _cli
+from qtoolkit import _cli_calibration as _calflags
 
 flags.adopt_module_key_flags(_cli)  # --model, --calibration_data, --scheme, --output, ... shown in --help
+flags.adopt_module_key_flags(_calflags)  # --batch_size, --range_method, --merge_calibration
 _SHARD = flags.DEFINE_string("calibration_shard", None, "i/n: observe shard i (from 0) of n of the calibration "
                              "samples and write the part to --output (.npz).")
 
 
 def main(argv):
     """absl main: one shard (--calibration_shard) or a merge (--merge_calibration); returns the exit code."""
-    if bool(_SHARD.value) == bool(_cli.MERGE_CALIBRATION.value):
+    if bool(_SHARD.value) == bool(_calflags.MERGE_CALIBRATION.value):
         raise app.UsageError("give --calibration_shard i/n (observe one shard) or --merge_calibration PARTS "
                              "(merge parts), one of the two")
     if _SHARD.value:
@@ -37,14 +39,14 @@ def main(argv):
         return _cli.run(lambda: shard(_cli.MODEL.value, _cli.CALIBRATION.value, _SHARD.value, _cli.OUTPUT.value,
                                       **_prepare_flags()))
     _cli.require(argv, _cli.OUTPUT)
-    return _cli.run(lambda: merge(_cli.MERGE_CALIBRATION.value, _cli.OUTPUT.value))
+    return _cli.run(lambda: merge(_calflags.MERGE_CALIBRATION.value, _cli.OUTPUT.value))
 
 
 def _prepare_flags() -> dict:
     """`prepare`'s keywords from the shared flags (the convert run that merges must be given the same)."""
     return dict(
         scheme=_cli.SCHEME.value, num_calibration_samples=_cli.NUM_CALIBRATION.value,
-        range_method=_cli.RANGE_METHOD.value, batch_size=_cli.BATCH_SIZE.value,
+        range_method=_calflags.RANGE_METHOD.value, batch_size=_calflags.BATCH_SIZE.value,
         image_size=_cli.pair(_cli.IMAGE_SIZE.value, "image_size", int) if _cli.IMAGE_SIZE.value else None,
         image_scale=_cli.pair(_cli.IMAGE_SCALE.value, "image_scale", float), image_mean=_cli.IMAGE_MEAN.value,
         image_std=_cli.IMAGE_STD.value, image_resize=_cli.IMAGE_RESIZE.value, allow_unsafe=_cli.UNSAFE.value,
