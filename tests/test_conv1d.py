@@ -83,6 +83,7 @@ def test_variants_fold_and_fuse_into_conv1d_folded_convs():
                                atol=TWIN_ATOL, rtol=1e-4)
 
 
+@pytest.mark.slow  # the default suite must stay under 3 minutes on 2 cores; runs in the accuracy-regression workflow
 def test_variants_file_is_one_xnnpack_partition():
     model = _variants()
     x = random_inputs(model, 96, seed=1)

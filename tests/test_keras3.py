@@ -205,7 +205,7 @@ def _digits_ptq(version):
     return qtoolkit.ptq(model, x_train[:300], "int8", verification_data=x_test, labels=y_test, progress=False)
 
 
-@pytest.mark.parametrize("version", ["2", "3"])
+@pytest.mark.parametrize("version", [pytest.param("2", marks=pytest.mark.slow), "3"])  # "2": the whole suite
 def test_ptq_contract_holds_on_both_keras_versions(version):
     """The same trained reference model built with tf_keras and with Keras 3: fully int8, per-channel, close to
     the simulation, less than a point of accuracy lost, and the same numbers from both."""

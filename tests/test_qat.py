@@ -139,6 +139,7 @@ def test_mse_weight_range_clips_where_it_helps_and_is_what_is_exported():
         qat.quantize_model(model, "w4a8", weight_range="lsq")
 
 
+@pytest.mark.slow  # the default suite must stay under 3 minutes on 2 cores; runs in the accuracy-regression workflow
 def test_distiller_trains_the_qat_model_and_leaves_the_teacher():
     """Distiller: alpha=1 is the plain loss; the callback drives and exports the student; the teacher's
     weights are neither trained nor part of the trainer."""
