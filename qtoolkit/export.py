@@ -90,21 +90,21 @@ def fake_quant_to_tflite(model, io_dtype: str = "int8") -> bytes:
         converter.inference_input_type = IO_DTYPES[io_dtype]
         converter.inference_output_type = IO_DTYPES[io_dtype]
         data = _convert(converter, model)
-    if _low_bit_dense(model):
-        # The converter re-quantized the 4-bit-grid Dense kernels to 8 bits (scale max|w| / 127): back onto
-        # their grid, so the file computes with the weights that were simulated or trained.
+    if _low_bit_weights(model):
+        # The converter re-quantized the 4-bit-grid Dense kernels to 8 bits (scale max|w| / 127) and wrote the
+        # conv kernels as INT4, which LiteRT rounds differently: all back to exact int8 containers on their
+        # grid, so the file computes with the weights that were simulated or trained.
         from qtoolkit.int4 import regrid_int8_weights
 
         data, _ = regrid_int8_weights(data)
     return data
 
 
-def _low_bit_dense(model) -> bool:
+def _low_bit_weights(model) -> bool:
     from qtoolkit.rewrite.layers import FoldedConv
 
-    return any(isinstance(layer, FoldedConv) and layer.kind == "dense" and
-               getattr(layer, "weight_quantizer", None) is not None and layer.weight_quantizer.bits < 8
-               for layer in model.layers)
+    return any(isinstance(layer, FoldedConv) and getattr(layer, "weight_quantizer", None) is not None
+               and layer.weight_quantizer.bits < 8 for layer in model.layers)
 
 
 def output_names(model) -> list:
