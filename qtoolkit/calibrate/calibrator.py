@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from qtoolkit._progress import progress_bar
+from qtoolkit.batched import run_batched
 from qtoolkit.calibrate.data import Source
 from qtoolkit.calibrate import select
 from qtoolkit.calibrate.observers import make_observer
@@ -210,23 +211,11 @@ def _select(rewritten, observed: Observed, groups, scheme, progress):
     names = rewritten.quant_points
     held_out = _units(names, {n: observed.before_holdout[n].candidates() for n in names}, groups)
     inputs = observed.holdout_inputs
-    references = _float_outputs(rewritten, inputs)
+    references = run_batched(rewritten.float_model, inputs)[:len(rewritten.model.outputs)]
     selection = select.select_ranges(rewritten, inputs, references, held_out, scheme.activations.bits,
                                      max_seconds=SELECTION_SECONDS, z=SELECTION_Z, progress=progress)
     full = _units(names, {n: observed.observers[n].candidates() for n in names}, groups)
     return {n: u.ranges[selection.choice[n]] for u in full for n in u.names}, selection
-
-
-def _float_outputs(rewritten, inputs: list, batch_size: int = 64) -> list:
-    """The float twin's model outputs on `inputs`."""
-    n_out = len(rewritten.model.outputs)
-    parts = []
-    for i in range(0, len(inputs[0]), batch_size):
-        batch = [x[i:i + batch_size] for x in inputs]
-        out = rewritten.float_model(batch if len(batch) > 1 else batch[0], training=False)
-        out = out if isinstance(out, (list, tuple)) else [out]
-        parts.append([t.numpy() for t in out[:n_out]])
-    return [np.concatenate([p[i] for p in parts]) for i in range(n_out)]
 
 
 def _tie_groups(pairs) -> list[list[str]]:

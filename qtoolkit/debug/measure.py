@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from qtoolkit.batched import run_batched
 from qtoolkit import export, rewrite, verify
 from qtoolkit.debug.report_files import format_db, write_report
 from qtoolkit.debug.setup import setup
@@ -133,19 +134,6 @@ class EnabledQuantizers:
     def __exit__(self, *exc):
         for q, state in self.saved:
             q.enabled = state
-
-
-def run_batched(model, samples, batch_size=64) -> list:
-    """Eager batched call (quantizers' `enabled` is read at each call); returns one array per model output."""
-    x = samples
-    n = x[0].shape[0]
-    outs = None
-    for i in range(0, n, batch_size):
-        batch = [a[i:i + batch_size] for a in x]
-        y = model(batch if len(batch) > 1 else batch[0], training=False)
-        y = [t.numpy() for t in (y if isinstance(y, (list, tuple)) else [y])]
-        outs = [[t] for t in y] if outs is None else [o + [t] for o, t in zip(outs, y)]
-    return [np.concatenate(o) for o in outs]
 
 
 def _upstream(model, quant_names) -> dict:

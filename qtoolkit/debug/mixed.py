@@ -13,7 +13,8 @@ from typing import Any, Optional
 import numpy as np
 
 from qtoolkit import export, latency, verify
-from qtoolkit.debug.measure import EnabledQuantizers, analyze, layer_quantizers, run_batched
+from qtoolkit.batched import run_batched
+from qtoolkit.debug.measure import EnabledQuantizers, analyze, layer_quantizers
 from qtoolkit.errors import DebugError
 from qtoolkit.debug.report_files import format_db
 from qtoolkit.debug.setup import setup
