@@ -172,6 +172,7 @@ def _activations_at_least_8_bits(model):
     Ranges TFLite fixes (softmax, logistic, tanh outputs) keep their 8-bit parameters: their kernels
     require them.
     """
+    from qtoolkit.rewrite.graph import inbound_layers
     from qtoolkit.rewrite.layers import QuantizeActivation
 
     changed = []
@@ -187,7 +188,7 @@ def _activations_at_least_8_bits(model):
         n_lo, n_hi, scale = float(n_lo), float(n_hi), float(scale)
         changed.append((layer, bits, lo, hi))
         layer.quantizer.bits = 8
-        if n_lo == 0.0 and _clamps_at_zero(_producer(layer), nonnegative):
+        if n_lo == 0.0 and _clamps_at_zero(next(iter(inbound_layers(layer)), None), nonnegative):
             layer.range["min"].assign(n_hi - 255 * scale)
             layer.range["max"].assign(n_hi)
         else:
@@ -212,6 +213,8 @@ def _clamps_at_zero(layer, nonnegative: set) -> bool:
     """True when `layer`'s int8 output cannot go below 0: a kernel with a fused ReLU / ReLU6 (TFLite clamps at
     the zero point), or pooling, reshaping, padding or concatenation of tensors that cannot either (quantized
     tensors whose range starts at 0 or above: `nonnegative`, by layer name)."""
+    from qtoolkit.rewrite.graph import inbound_layers
+
     if layer is None:
         return False
     if layer.name in nonnegative:
@@ -221,17 +224,8 @@ def _clamps_at_zero(layer, nonnegative: set) -> bool:
         return True
     if not type(layer).__name__.startswith(_SIGN_KEEPING):
         return False
-    nodes = getattr(layer, "_inbound_nodes", None) or []
-    inbound = nodes[0].inbound_layers if nodes else []
-    inbound = inbound if isinstance(inbound, (list, tuple)) else [inbound]
+    inbound = inbound_layers(layer)
     return bool(inbound) and all(_clamps_at_zero(i, nonnegative) for i in inbound)
-
-
-def _producer(layer):
-    """The layer whose output `layer` reads (its first inbound layer), or None."""
-    nodes = getattr(layer, "_inbound_nodes", None) or []
-    inbound = nodes[0].inbound_layers if nodes else None
-    return inbound[0] if isinstance(inbound, (list, tuple)) and inbound else inbound
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from qtoolkit import quantizers as q
+from qtoolkit.rewrite.graph import inbound_layers
 from qtoolkit.rewrite.layers import FoldedConv, QuantizeActivation
 
 # Layers between a quantizer and a conv that keep the quantizer's scale in the file (no requantization).
@@ -54,12 +55,10 @@ def _input_quantizer(layer):
     """The QuantizeActivation whose scale `layer`'s input has in the file, or None."""
     current = layer
     for _ in range(8):
-        nodes = getattr(current, "_inbound_nodes", None) or []
-        inbound = nodes[0].inbound_layers if nodes else None
-        if isinstance(inbound, (list, tuple)):
-            if len(inbound) != 1:
-                return None
-            inbound = inbound[0]
+        inbound = inbound_layers(current)
+        if len(inbound) != 1:
+            return None
+        inbound = inbound[0]
         if isinstance(inbound, QuantizeActivation):
             return inbound
         if inbound is None or not type(inbound).__name__.startswith(_SAME_SCALE):

@@ -166,3 +166,10 @@ def call(node: Node, tensors: dict[int, Any], layer=None):
     args = tf.nest.map_structure(real, node.args)
     kwargs = tf.nest.map_structure(real, node.kwargs)
     return (layer or node.layer)(*args, **kwargs)
+
+
+def inbound_layers(layer) -> list:
+    """The layers a built model's `layer` reads, at its first call (empty for an input layer)."""
+    nodes = getattr(layer, "_inbound_nodes", None) or []
+    inbound = nodes[0].inbound_layers if nodes else []
+    return list(inbound) if isinstance(inbound, (list, tuple)) else [inbound]
