@@ -171,8 +171,10 @@ def prepare(model: Any, calibration_data: Any, scheme: Any = "int8", *,
                                      image_std=image_std, image_resize=image_resize, log=log)
         if num_verification_samples is None:
             num_verification_samples = ver_source.num_samples or DEFAULT_VERIFICATION_SAMPLES
-    if calibration_parts and num_calibration_samples is None:
-        num_calibration_samples = cal.shards.parts_total(calibration_parts)
+    if calibration_parts:
+        calibration_parts = [cal.load_part(p) for p in calibration_parts]  # each file read once
+        if num_calibration_samples is None:
+            num_calibration_samples = calibration_parts[0].total
     n_cal, n_ver = split(source, num_calibration_samples, num_verification_samples, ver_source is not None)
 
     quantizes_activations = keras_model is not None and scheme.activations is not None

@@ -27,7 +27,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -199,11 +199,6 @@ def assign_parts(rewritten, parts: Sequence, total: int, scheme, batch_size: int
         raise DataError(f"calibration shard(s) {', '.join(f'{i}/{merged.shards}' for i in missing)} missing; "
                         "give every shard's part")
     return dataclasses.replace(calibrator.assign(rewritten, merged.observed, scheme, progress), shards=merged.shards)
-
-
-def parts_total(parts: Sequence) -> Optional[int]:
-    """The calibration sample count the parts were computed for (that of the first)."""
-    return load_part(parts[0]).total if parts else None
 
 
 def _pack(state: dict, prefix: str, arrays: dict) -> dict:
