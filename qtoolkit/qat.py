@@ -27,7 +27,8 @@ from qtoolkit.schemes import QuantScheme, load as load_scheme
 
 def quantize_model(model, scheme: Any = "int8", *, ema_decay: float = 0.999, calibration_data: Any = None,
                    num_calibration_samples: int = 256, strict: bool = False,
-                   bn_correction: bool = True, weight_range: str = "max") -> keras.Model:
+                   bn_correction: bool = True, weight_range: Optional[str] = None,
+                   activation_range: Optional[str] = None) -> keras.Model:
     """A trainable model with fake quant on weights and activations (straight-through gradients).
 
     Args:
@@ -41,18 +42,18 @@ def quantize_model(model, scheme: Any = "int8", *, ema_decay: float = 0.999, cal
       strict: fail if a layer cannot be quantized.
       bn_correction: fold batch norm with the paper's correction (default);
         False folds naively with the batch sigma (for ablations only).
-      weight_range: "max" (max |w| per channel, TFMOT's "last value") or "mse" (per channel the clipping of
-        max |w| with the least squared weight error, recomputed every step; docs/qat.md).
+      weight_range, activation_range: override the scheme's `qat.weight_range` ("max", "mse", "learned") and
+        `qat.activation_range` ("ema", "learned"); see schemes.QATOptions and docs/qat.md.
 
     Returns:
       A model of the same Keras version to compile and fit (Keras 3: its own compile/fit, optimizers,
       callbacks); save it with `model.save` and load it with `custom_objects=qtoolkit.custom_objects()`.
     """
     scheme = scheme if isinstance(scheme, QuantScheme) else load_scheme(scheme)
-    from qtoolkit.rewrite.qat_layers import WEIGHT_RANGES
-
-    if weight_range not in WEIGHT_RANGES:
-        raise ValueError(f"weight_range must be one of {', '.join(WEIGHT_RANGES)}, got {weight_range!r}")
+    overrides = {k: v for k, v in (("weight_range", weight_range), ("activation_range", activation_range))
+                 if v is not None}
+    if overrides:
+        scheme = scheme.replace(qat=overrides)
     if scheme.activations is None:
         raise ValueError("quantize_model needs a scheme with activation quantization (not weight_only_int8)")
     from qtoolkit import loading
@@ -69,7 +70,6 @@ def quantize_model(model, scheme: Any = "int8", *, ema_decay: float = 0.999, cal
     for layer in result.model.layers:
         if isinstance(layer, QATFoldedConv):
             layer.bn_correction = bn_correction
-            layer.weight_range = weight_range
     if calibration_data is not None:
         from qtoolkit import calibrate
 
@@ -106,8 +106,11 @@ def to_inference_model(qat_model) -> keras.Model:
             kernel, bias = src.deployed()  # on the trained grid: calibrate_weights finds its range again
             dst.set_weights([kernel.numpy(), bias.numpy()] + [w.numpy() for w in dst.weights[2:]])
             dst.calibrate_weights()
+            if src.weight_range == "learned" and src.weight_quantizer is not None:  # the grid's bound, not max |w|
+                a = src.deployed_bound()
+                dst.weight_quantizer.assign_range(dst.kernel_range, -a, a)
         elif isinstance(src, QATQuantizeActivation):
-            lo, hi = src.get_range()
+            lo, hi = src.deployed_range()
             dst.set_range(lo, hi)
         else:
             dst.set_weights(src.get_weights())

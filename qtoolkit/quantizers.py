@@ -297,6 +297,53 @@ def tf_fake_quant(x, min_val, max_val, bits: int = 8, narrow_range: bool = False
     return tf.transpose(y, inverse)
 
 
+def tf_learned_fake_quant(x, min_val, max_val, bits: int = 8, narrow_range: bool = False,
+                          per_channel: bool = False):
+    """`tf_fake_quant` (the same forward values, TensorFlow's op) with learned-step-size gradients for the range.
+
+    The gradient for `x` is the straight-through estimator (1 inside the range, 0 outside). The range gets
+    LSQ's (Esser et al. 2020, with LSQ+'s offset): with step s = (max - min) / N over N steps and
+    v = (x - min) / s (min nudged as the op nudges it), the output x_q = min + s * clip(round(v), 0, N) has dx_q/ds = round(v) - v inside,
+    N above and 0 below, and dx_q/dmin = 1 outside (s fixed) and 0 inside; both scaled by LSQ's
+    1 / sqrt(values per range * N). TensorFlow's own gradient gives the range only the clipped values'
+    share, which pushes a range outwards and never weighs the rounding error inside it.
+
+    Args:
+      x: float32 tensor; min_val, max_val: scalars, or per channel along the last axis when `per_channel`.
+      bits, narrow_range: as `tf_fake_quant`.
+    """
+    import tensorflow as tf
+
+    steps = float((1 << bits) - 1 - int(narrow_range))
+
+    @tf.custom_gradient
+    def _fq(t, lo, hi):
+        out = tf_fake_quant(t, lo, hi, bits, narrow_range, axis=-1 if per_channel else None)
+
+        def grad(dy):
+            axes = list(range(t.shape.rank - 1)) if per_channel else None
+            step = (hi - lo) / steps
+            # In the op's nudged frame (zero point rounded to an integer code), so that round(v) - v is the
+            # rounding error the forward made; the nudge itself passes gradients straight through.
+            qmin = float(int(narrow_range))
+            zero_point = tf.clip_by_value(tf.floor(qmin - lo / step + 0.5), qmin, qmin + steps)
+            v = (t - (qmin - zero_point) * step) / step
+            below, above = v < 0.0, v > steps
+            outside = tf.cast(below | above, dy.dtype)
+            d_v = tf.where(above, steps, tf.where(below, 0.0, tf.round(v) - v))
+            count = tf.cast(tf.size(t), tf.float32) / tf.cast(tf.size(lo), tf.float32)
+            g = tf.math.rsqrt(count * steps)
+            d_step = tf.reduce_sum(dy * d_v, axis=axes) * g
+            d_lo = tf.reduce_sum(dy * outside, axis=axes) * g
+            return dy * (1.0 - outside), d_lo - d_step / steps, d_step / steps
+
+        return out, grad
+
+    # Tensors in (a variable read inside would make the gradient function owe the variable its own gradient).
+    return _fq(tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(min_val, tf.float32),
+               tf.convert_to_tensor(max_val, tf.float32))
+
+
 def _tf_stochastic_fake_quant(x, min_val, max_val, bits, narrow_range, axis, seed):
     """Stochastic-rounding fake quant with a straight-through gradient."""
     import tensorflow as tf

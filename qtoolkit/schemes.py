@@ -116,6 +116,26 @@ class Algorithms:
         return tuple(name for name in ALGORITHM_NAMES if on[name])
 
 
+QAT_WEIGHT_RANGES = ("max", "mse", "learned")
+QAT_ACTIVATION_RANGES = ("ema", "learned")
+
+
+@dataclasses.dataclass(frozen=True)
+class QATOptions:
+    """How quantization-aware training sets its ranges (`qtoolkit.quantize_model`; docs/qat.md).
+
+    Attributes:
+      weight_range: per output channel, "max" (max |w|, TFMOT's "last value"), "mse" (the clipping of max |w|
+        with the least squared weight error, recomputed every step) or "learned" (max |w| times a learned
+        factor, trained with learned-step-size gradients).
+      activation_range: "ema" (moving average of batch min/max) or "learned" (that average times learned
+        factors for min and max, trained with learned-step-size gradients).
+    """
+
+    weight_range: str = "max"
+    activation_range: str = "ema"
+
+
 # What the int16_* keys of `layers` get: TFLite can run int8 and int16x8 ops in one file, but neither of the
 # converter's paths writes that mix (measured, docs/design.md "Layers kept float or 16-bit").
 INT16_UNAVAILABLE = (
@@ -195,6 +215,7 @@ class QuantScheme:
       activations: ActivationQuant, or None (weights only, float activations).
       algorithms: Algorithms (post-training algorithms).
       layers: LayerChoices (layers the user keeps float).
+      qat: QATOptions (ranges in quantization-aware training).
     """
 
     name: str = "custom"
@@ -203,6 +224,7 @@ class QuantScheme:
     activations: Optional[ActivationQuant] = ActivationQuant()
     algorithms: Algorithms = Algorithms()
     layers: LayerChoices = LayerChoices()
+    qat: QATOptions = QATOptions()
 
     @property
     def weight_only(self) -> bool:
@@ -238,6 +260,7 @@ class QuantScheme:
             activations=None if acts is None else ActivationQuant(**_fields(ActivationQuant, acts, source, "activations.")),
             algorithms=Algorithms(**_fields(Algorithms, top.get("algorithms", {}), source, "algorithms.")),
             layers=_layer_choices(top.get("layers", {}), source),
+            qat=QATOptions(**_fields(QATOptions, top.get("qat", {}), source, "qat.")),
         )
         validate(scheme, source)
         return scheme
@@ -253,7 +276,7 @@ class QuantScheme:
         """
         data = self.to_dict()
         for section, values in sections.items():
-            if section not in ("weights", "activations", "algorithms", "layers"):
+            if section not in ("weights", "activations", "algorithms", "layers", "qat"):
                 data[section] = values
             elif data.get(section) is None:
                 raise SchemeError(f"scheme {self.name!r} has no {section} to override")
@@ -308,6 +331,10 @@ def validate(scheme: QuantScheme, source: str = "<scheme>") -> None:
     _check_section(scheme.weights, source, "weights.")
     _check_algorithms(scheme, source)
     _check_layers(scheme, source)
+    for key, allowed in (("weight_range", QAT_WEIGHT_RANGES), ("activation_range", QAT_ACTIVATION_RANGES)):
+        if getattr(scheme.qat, key) not in allowed:
+            raise SchemeError(f"{source}: qat.{key} must be one of {', '.join(allowed)}, "
+                              f"got {getattr(scheme.qat, key)!r}")
     acts = scheme.activations
     if acts is None:
         return

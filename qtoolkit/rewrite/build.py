@@ -109,7 +109,8 @@ def _build_fused(ctx: BuildContext, step: Step):
     if ctx.qat and ctx.quantize:
         new, weights = ctx.qat_conv(step, kind, act, conv_args)
         out = g.call(node, ctx.tensors, layer=new)
-        new.set_weights(weights + [w.numpy() for w in new.weights[len(weights):]])
+        for name, value in weights.items():
+            getattr(new, name).assign(value)
     else:
         new = ctx.folded_conv(kind, kernel, bias, act, node.name, conv_args)
         out = g.call(node, ctx.tensors, layer=new)

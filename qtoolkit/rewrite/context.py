@@ -95,6 +95,7 @@ class BuildContext:
         quantizer = RangeQuantizer(self.acts.bits, self.acts.symmetric, self.acts.narrow_range)
         if self.qat:
             return QATQuantizeActivation(quantizer, fixed_range=fixed_range, ema_decay=self.ema_decay,
+                                         learned_range=self.scheme.qat.activation_range == "learned",
                                          name=name)(tensor)
         return QuantizeActivation(quantizer, fixed_range=fixed_range, range_factor=range_factor, name=name)(tensor)
 
@@ -110,17 +111,19 @@ class BuildContext:
                           **conv_args)
 
     def qat_conv(self, step: Step, kind, act, conv_args):
-        """A QATFoldedConv holding the unfolded kernel and the batch norm's parameters, and its weights."""
+        """A QATFoldedConv holding the unfolded kernel and the batch norm's parameters, and its weights by
+        variable name."""
         kernel, bias = kernel_and_bias(step.node.layer)
         units = bias.shape[0]
         bns = [a.layer for a in step.absorbed if isinstance(a.layer, L.BatchNormalization)]
         quantizer = self._weight_quantizer(units)
-        weights = [kernel, bias]
+        weights = {"kernel": kernel, "bias": bias}
         kwargs = {}
         if bns:
-            weights += list(bn_weights(bns[0]))
+            weights.update(zip(("gamma", "beta", "moving_mean", "moving_variance"), bn_weights(bns[0])))
             kwargs = {"epsilon": bns[0].epsilon, "momentum": bns[0].momentum}
         new = QATFoldedConv(kind, kernel.shape, units, act, quantizer, has_bn=bool(bns),
+                            weight_range=self.scheme.qat.weight_range,
                             name=self.fresh_name(step.node.name), **kwargs, **conv_args)
         return new, weights
 

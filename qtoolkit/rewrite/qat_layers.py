@@ -22,6 +22,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from qtoolkit import quantizers as q
+from qtoolkit.schemes import QAT_WEIGHT_RANGES
 from qtoolkit.rewrite.layers import FUSABLE_ACTIVATIONS, QuantizeActivation, RangeQuantizer, activate, conv_op
 
 
@@ -43,12 +44,39 @@ class QATActivationMath:
     def _qat_call(self, inputs, training):
         if self._training(training):
             self._update_range(inputs)
-        lo = tf.minimum(self.range["min"], 0.0)
-        hi = tf.maximum(self.range["max"], lo + 1e-8)
+        lo, hi = self._current_range()
         bits, narrow_range = self._qat_bits()
-        quantized = q.tf_fake_quant(inputs, lo, hi, bits, narrow_range)
+        if self._learns_range():
+            quantized = q.tf_learned_fake_quant(inputs, lo, hi, bits, narrow_range)
+        else:
+            quantized = q.tf_fake_quant(inputs, lo, hi, bits, narrow_range)
         on = tf.logical_and(tf.convert_to_tensor(self.quant_active), tf.convert_to_tensor(self.initialized))
         return tf.cond(on, lambda: quantized, lambda: tf.identity(inputs))
+
+    def _learns_range(self) -> bool:
+        return self.learned_range and self.fixed_range is None
+
+    def _build_learned(self):
+        """The learned factors' variable (log scale of min and max), created last, in both Keras versions."""
+        if self._learns_range():
+            self.range_log_scale = self._learned_weight("range_log_scale", (2,))
+
+    def _current_range(self):
+        """(min, max) used now: the EMA range, times the learned factors when the range is learned."""
+        lo = tf.minimum(self.range["min"], 0.0)
+        hi = tf.maximum(self.range["max"], lo + 1e-8)
+        if self._learns_range():
+            factor = tf.exp(LOG_SCALE_GAIN * self.range_log_scale)
+            lo, hi = lo * factor[0], hi * factor[1]
+            hi = tf.maximum(hi, lo + 1e-8)
+        return lo, hi
+
+    def deployed_range(self) -> tuple[float, float]:
+        """The range export writes (the learned one when learned)."""
+        if not self._learns_range():
+            return self.get_range()
+        lo, hi = self._current_range()
+        return float(lo.numpy()), float(hi.numpy())
 
     def _update_range(self, inputs):
         x = tf.stop_gradient(inputs)
@@ -80,17 +108,23 @@ class QATQuantizeActivation(QATActivationMath, QuantizeActivation):
       quantizer: RangeQuantizer (per-tensor).
       fixed_range: as QuantizeActivation (then no EMA).
       ema_decay: decay of the moving average.
+      learned_range: the EMA range times learned factors (schemes.QATOptions.activation_range "learned").
     """
 
-    def __init__(self, quantizer=None, fixed_range=None, ema_decay=0.999, **kwargs):
+    def __init__(self, quantizer=None, fixed_range=None, ema_decay=0.999, learned_range=False, **kwargs):
         super().__init__(quantizer, fixed_range, **kwargs)
         self.ema_decay = float(ema_decay)
+        self.learned_range = bool(learned_range)
 
     def build(self, input_shape):
         super().build(input_shape)
         self.initialized = _flag(self, "initialized", self.fixed_range is not None)
         self.quant_active = _flag(self, "quant_active", True)
         self.ranges_frozen = _flag(self, "ranges_frozen", self.fixed_range is not None)
+        self._build_learned()
+
+    def _learned_weight(self, name, shape):
+        return self.add_weight(name, shape=shape, initializer="zeros", trainable=True)
 
     def set_range(self, lo, hi) -> None:
         super().set_range(lo, hi)
@@ -107,7 +141,7 @@ class QATQuantizeActivation(QATActivationMath, QuantizeActivation):
         return _is_training(training)
 
     def get_config(self):
-        return {**super().get_config(), "ema_decay": self.ema_decay}
+        return {**super().get_config(), "ema_decay": self.ema_decay, "learned_range": self.learned_range}
 
 
 def _is_training(training) -> bool:
@@ -119,8 +153,13 @@ def _is_training(training) -> bool:
     return bool(training)
 
 
-# Weight ranges of QAT: "max" (max |w| per channel) or "mse" (clipped where that lowers the squared error).
-WEIGHT_RANGES = ("max", "mse")
+# Weight ranges of QAT: "max" (max |w| per channel), "mse" (clipped where that lowers the squared error) or
+# "learned" (max |w| times a learned factor); schemes.QATOptions.
+WEIGHT_RANGES = QAT_WEIGHT_RANGES
+# Learned ranges are base * exp(LOG_SCALE_GAIN * theta) with theta trainable, starting at 0. The gain sets
+# how fast an optimizer moves them: Adam's steps are about its learning rate in theta whatever the gradient's
+# size, so at 1e-4 a range can change by e^0.3 (35%) in 100 steps, where theta unscaled would move it 1%.
+LOG_SCALE_GAIN = 30.0
 WEIGHT_RATIOS = tuple(0.3 + 0.05 * i for i in range(15))  # fractions of max |w| tried by "mse" (0.3 ... 1.0)
 
 
@@ -175,6 +214,9 @@ class QATFoldedConvMath:
                                                 first_replica=True)
             self.bn_frozen = self._flag("bn_frozen", False)
         self.quant_active = self._flag("quant_active", True)
+        if self.weight_range == "learned" and self.weight_quantizer is not None:
+            shape = (self.units,) if self.weight_quantizer.per_channel else ()
+            self.weight_log_scale = self._weight("weight_log_scale", shape, "zeros")
 
     # -- the pieces -----------------------------------------------------------------
     def _channel_scale(self, kernel, scale):
@@ -190,21 +232,43 @@ class QATFoldedConvMath:
 
         The range is max |w| (TFMOT's LastValue) or, with weight_range "mse", max |w| scaled per channel by
         the ratio of WEIGHT_RATIOS with the least squared rounding + clipping error (recomputed each step;
-        no gradient flows into the range). `always`: quantize whatever `quant_active` says (export).
+        no gradient flows into the range), or with "learned", max |w| times exp(LOG_SCALE_GAIN * theta) per
+        channel, theta trained with learned-step-size gradients (`quantizers.tf_learned_fake_quant`).
+        `always`: quantize whatever `quant_active` says (export).
         """
         wq = self.weight_quantizer
         if wq is None:
             return kernel
         flat = tf.reshape(kernel, (*self.kernel_shape[:2], self.units)) if self.kind == "depthwise" else kernel
         axes = list(range(flat.shape.rank - 1)) if wq.per_channel else None
-        a = tf.maximum(tf.reduce_max(tf.abs(flat), axis=axes), 1e-8)
-        if self.weight_range == "mse":
-            a = _mse_bound(tf.stop_gradient(flat), tf.stop_gradient(a), wq.bits, wq.narrow_range, axes)
-        out = q.tf_fake_quant(flat, -a, a, wq.bits, wq.narrow_range, axis=-1 if wq.per_channel else None)
+        a = self._weight_bound(flat, axes)
+        if self.weight_range == "learned":
+            out = q.tf_learned_fake_quant(flat, -a, a, wq.bits, wq.narrow_range, per_channel=wq.per_channel)
+        else:
+            out = q.tf_fake_quant(flat, -a, a, wq.bits, wq.narrow_range, axis=-1 if wq.per_channel else None)
         out = tf.reshape(out, self.kernel_shape) if self.kind == "depthwise" else out
         if always:
             return out
         return tf.cond(tf.convert_to_tensor(self.quant_active), lambda: out, lambda: tf.identity(kernel))
+
+    def _weight_bound(self, flat, axes):
+        """The symmetric weight range's bound a (per channel): see `_quantize_kernel`."""
+        wq = self.weight_quantizer
+        a = tf.maximum(tf.reduce_max(tf.abs(flat), axis=axes), 1e-8)
+        if self.weight_range == "mse":
+            a = _mse_bound(tf.stop_gradient(flat), tf.stop_gradient(a), wq.bits, wq.narrow_range, axes)
+        elif self.weight_range == "learned":
+            a = tf.stop_gradient(a) * tf.exp(LOG_SCALE_GAIN * self.weight_log_scale)
+        return a
+
+    def deployed_bound(self):
+        """The bound a of the deployed kernel's symmetric range [-a, a] (per channel), or None without one."""
+        if self.weight_quantizer is None:
+            return None
+        kernel, _ = self.folded()
+        flat = tf.reshape(kernel, (*self.kernel_shape[:2], self.units)) if self.kind == "depthwise" else kernel
+        axes = list(range(flat.shape.rank - 1)) if self.weight_quantizer.per_channel else None
+        return self._weight_bound(flat, axes).numpy()
 
     def deployed(self):
         """(kernel, bias) as exported: folded with the moving statistics, the kernel fake-quantized."""

@@ -88,14 +88,17 @@ class QATQuantizeActivation3(QATActivationMath, keras.layers.Layer):
       bits, symmetric, narrow_range: the activation quantizer.
       fixed_range: (min, max) for outputs whose range TFLite fixes (softmax, logistic, tanh); then no EMA.
       ema_decay: decay of the moving average.
+      learned_range: the EMA range times learned factors.
     """
 
-    def __init__(self, bits=8, symmetric=False, narrow_range=False, fixed_range=None, ema_decay=0.999, **kwargs):
+    def __init__(self, bits=8, symmetric=False, narrow_range=False, fixed_range=None, ema_decay=0.999,
+                 learned_range=False, **kwargs):
         super().__init__(**kwargs)
         self.supports_jit = False  # see QATFoldedConv3
         self.bits, self.symmetric, self.narrow_range = int(bits), bool(symmetric), bool(narrow_range)
         self.fixed_range = tuple(fixed_range) if fixed_range is not None else None
         self.ema_decay = float(ema_decay)
+        self.learned_range = bool(learned_range)
 
     def build(self, input_shape):
         lo, hi = self.fixed_range if self.fixed_range is not None else (-6.0, 6.0)
@@ -106,7 +109,11 @@ class QATQuantizeActivation3(QATActivationMath, keras.layers.Layer):
         self.initialized = _flag(self, "initialized", self.fixed_range is not None)
         self.quant_active = _flag(self, "quant_active", True)
         self.ranges_frozen = _flag(self, "ranges_frozen", self.fixed_range is not None)
+        self._build_learned()
         self.built = True
+
+    def _learned_weight(self, name, shape):
+        return self.add_weight(shape=shape, initializer="zeros", trainable=True, name=name)
 
     def call(self, inputs, training=None):
         return self._qat_call(inputs, training)
@@ -134,18 +141,19 @@ class QATQuantizeActivation3(QATActivationMath, keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "bits": self.bits, "symmetric": self.symmetric,
-                "narrow_range": self.narrow_range, "fixed_range": self.fixed_range, "ema_decay": self.ema_decay}
+                "narrow_range": self.narrow_range, "fixed_range": self.fixed_range, "ema_decay": self.ema_decay,
+                "learned_range": self.learned_range}
 
     @classmethod
     def from_tf_keras(cls, layer: QATQuantizeActivation) -> "QATQuantizeActivation3":
         quantizer = layer.quantizer
         return cls(quantizer.bits, quantizer.symmetric, quantizer.narrow_range, layer.fixed_range, layer.ema_decay,
-                   name=layer.name)
+                   layer.learned_range, name=layer.name)
 
     def tf_keras_twin(self) -> QATQuantizeActivation:
         """The tf_keras layer export reads (weights copied by the caller, in the same order)."""
         return QATQuantizeActivation(RangeQuantizer(self.bits, self.symmetric, self.narrow_range),
-                                     self.fixed_range, self.ema_decay, name=self.name)
+                                     self.fixed_range, self.ema_decay, self.learned_range, name=self.name)
 
 
 # tf_keras QAT layer class -> the Keras 3 layer built from it (see keras3.from_tf_keras).
