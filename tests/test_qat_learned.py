@@ -102,7 +102,7 @@ def test_learned_ranges_train_and_the_file_is_what_was_trained():
 
 
 @pytest.mark.slow  # the default suite must stay under 3 minutes on 2 cores; runs in the accuracy-regression workflow
-def test_learned_ranges_in_keras3():
+def test_learned_ranges_in_keras3(tmp_path):
     import keras as keras3
 
     keras3.utils.set_random_seed(0)  # see _trained
@@ -123,3 +123,6 @@ def test_learned_ranges_in_keras3():
     data, inspection = qtoolkit.export_tflite(qm)
     assert inspection.fully_quantized
     assert np.abs(qm.predict(x, verbose=0) - verify.LiteRTModel(data).predict(x)).max() < 0.05
+    qm.save(tmp_path / "learned.keras")  # the learned factors are saved and loaded with the model
+    loaded = keras3.saving.load_model(tmp_path / "learned.keras", custom_objects=qtoolkit.custom_objects())
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qm.predict(x, verbose=0))
