@@ -70,7 +70,9 @@ def quantize_model(model, scheme: Any = "int8", *, ema_decay: float = 0.999, cal
     for layer in result.model.layers:
         if isinstance(layer, QATFoldedConv):
             layer.bn_correction = bn_correction
-    if calibration_data is not None:
+    if scheme.algorithms.enabled():  # weights and ranges from the scheme's post-training algorithms
+        _start_from_algorithms(result.model, model, scheme, calibration_data, num_calibration_samples)
+    elif calibration_data is not None:
         from qtoolkit import calibrate
 
         specs = [(t.name.split(":")[0], tuple(t.shape), t.dtype.as_numpy_dtype) for t in model.inputs]
@@ -83,6 +85,38 @@ def quantize_model(model, scheme: Any = "int8", *, ema_decay: float = 0.999, cal
 
         return keras3.from_tf_keras(result.model, qat_layers3.FROM_TF_KERAS)
     return result.model
+
+
+def _start_from_algorithms(qat_model, model, scheme: QuantScheme, calibration_data, num_samples: int) -> None:
+    """Starts the QAT model where the scheme's post-training quantization ends (e.g. `w4a8_adaround`: CLE, the
+    ranges calibrated, then AdaRound's rounding): they run on qtoolkit's PTQ rewrite of `model` as in
+    `qtoolkit.ptq`; each QAT conv gets the folded kernel and bias of its PTQ twin (same name), unfolded with its
+    batch norm, and each activation quantizer its twin's range.  At step 0 the QAT model then computes what the
+    PTQ file would (docs/qat.md)."""
+    from qtoolkit import algorithms, calibrate
+    from qtoolkit.errors import UsageError
+
+    options = scheme.algorithms
+    if calibration_data is None and algorithms.needs_data(options):
+        raise UsageError(f"scheme {scheme.name!r} runs {', '.join(options.enabled())} before training, which needs "
+                         "data: pass calibration_data= (a few hundred training samples)")
+    ptq = rewrite(model, scheme)
+    report = algorithms.before_calibration(ptq, options, model)
+    if calibration_data is not None:
+        specs = [(t.name.split(":")[0], tuple(t.shape), t.dtype.as_numpy_dtype) for t in model.inputs]
+        source = calibrate.open_source(calibration_data, specs)
+        inputs = source.collect(min(num_samples, source.num_samples or num_samples))
+        calibrate.calibrate(ptq, calibrate.open_source(inputs, specs), len(inputs[0]), scheme, progress=False)
+        algorithms.after_calibration(ptq, options, inputs, model, report, progress=False)
+    twins = {layer.name: layer for layer in ptq.model.layers if isinstance(layer, (FoldedConv, QuantizeActivation))}
+    for layer in qat_model.layers:
+        twin = twins.get(layer.name)
+        if isinstance(layer, QATFoldedConv) and isinstance(twin, FoldedConv) and \
+                tuple(twin.kernel.shape) == tuple(layer.kernel.shape):
+            layer.set_folded(twin.kernel.numpy(), twin.bias.numpy())
+        elif isinstance(layer, QATQuantizeActivation) and isinstance(twin, QuantizeActivation) and \
+                layer.fixed_range is None and calibration_data is not None:
+            layer.set_range(*twin.get_range())
 
 
 def to_inference_model(qat_model) -> keras.Model:

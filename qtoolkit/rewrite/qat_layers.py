@@ -18,6 +18,7 @@ assigns: `quant_active` (fake quant applied, after the quantization delay),
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
@@ -283,6 +284,22 @@ class QATFoldedConvMath:
         kernel = self._channel_scale(self.kernel, self.gamma / sigma)
         bias = self.beta + self.gamma * (self.bias - self.moving_mean) / sigma
         return kernel, bias
+
+    def set_folded(self, kernel, bias) -> bool:
+        """Sets the weights so that `folded()` is (kernel, bias) with the current batch-norm parameters (the
+        inverse of the folding); False, leaving the layer as it is, where a channel's gamma is 0."""
+        kernel, bias = np.asarray(kernel, np.float32), np.asarray(bias, np.float32)
+        if not self.has_bn:
+            self.kernel.assign(kernel)
+            self.bias.assign(bias)
+            return True
+        sigma = np.sqrt(self.moving_variance.numpy() + self.epsilon)
+        scale = self.gamma.numpy() / sigma
+        if np.any(np.abs(scale) < 1e-12):
+            return False
+        self.kernel.assign(self._channel_scale(kernel, 1.0 / scale))
+        self.bias.assign((bias - self.beta.numpy()) / scale + self.moving_mean.numpy())
+        return True
 
     def call(self, inputs, training=None):
         def inference():
