@@ -34,7 +34,10 @@ def quantize_model(model, scheme: Any = "int8", *, ema_decay: float = 0.999, cal
     Args:
       model: a trained float model, Keras 3 or tf_keras (Functional or Sequential; nested models are
         inlined); never modified.
-      scheme: preset name, YAML path or QuantScheme (its activation bits, weight bits and granularity).
+      scheme: preset name, YAML path or QuantScheme (its activation bits, weight bits and granularity, its
+        `qat:` ranges). A scheme with post-training algorithms (`w4a8_adaround`, `int8_max_accuracy`: CLE,
+        AdaRound, bias correction) runs them first, on `calibration_data`, and training starts from their
+        weights and ranges: at step 0 the QAT model is that scheme's PTQ file.
       ema_decay: decay of the activation ranges' moving average of batch min/max.
       calibration_data: optional representative data to initialise the ranges
         (otherwise the first training batch initialises them).

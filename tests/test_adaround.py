@@ -106,3 +106,22 @@ def test_layer_inputs_match_the_models_own_outputs():
     stepper = LayerInputs(rw.model, [x], chunk=4)
     for layer, want in zip(layers, wants):
         np.testing.assert_allclose(stepper.inputs_of(layer.name)[0].numpy(), want.numpy(), atol=1e-6)
+
+
+def test_adaround_runs_a_residual_network_with_projection_shortcuts():
+    """`model.layers` lists a block's shortcut conv before the conv the graph runs first: AdaRound takes the
+    layers in the graph's order (it had stopped with "no layer 'b1_conv2' left to run")."""
+    from qtoolkit import calibrate, zoo
+
+    keras.utils.set_random_seed(0)
+    model = zoo.resnet_small((8, 8, 1), 3)
+    rw = rewrite.rewrite(model, schemes.load("int8"))
+    x = random_inputs(model, 16)
+    calibrate.calibrate(rw, calibrate.open_source([x], [("image", (None, 8, 8, 1), np.float32)]), 16,
+                        schemes.load("int8"), progress=False)
+    times = adaround.adaround(rw, [x], iterations=20, progress=False)
+    assert {"b1_conv2", "b1_shortcut"} <= set(times)
+    for layer in (rw.model.get_layer("b1_conv2"), rw.model.get_layer("b1_shortcut")):
+        scale = adaround.grid_of(layer)[0]
+        codes = layer.kernel.numpy() / scale
+        np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)

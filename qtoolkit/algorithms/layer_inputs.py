@@ -41,6 +41,10 @@ class LayerInputs:
                 self.readers[t] = self.readers.get(t, 0) + 1
         self.position = 0
 
+    def ahead(self, name: str) -> bool:
+        """Whether the node `name` has not run yet."""
+        return any(node.name == name for node in self.graph.nodes[self.position:])
+
     def inputs_of(self, name: str) -> list:
         """Runs every node before the node `name` (not yet run); returns the tensors it reads, in order."""
         nodes = self.graph.nodes
