@@ -32,6 +32,7 @@ from keras3_cifar_qat import accuracy, load_cifar  # noqa: E402  (the same image
 import qtoolkit  # noqa: E402
 from qtoolkit import verify, zoo  # noqa: E402
 from qtoolkit.callbacks import QuantizationCallback  # noqa: E402
+from qtoolkit.rewrite.qat_layers import QATQuantizeActivation  # noqa: E402
 
 BATCH = 64
 NETWORKS = {
@@ -41,9 +42,11 @@ NETWORKS = {
 # qtoolkit's recipes per scheme: keyword arguments of quantize_model (`model`) and of the callback
 # (`callback`; bn_freeze "half" = half-way through the fine-tune, as docs/qat.md recommends at 4 bits).
 # `distill`: Distiller arguments (trained with distillation from the float model), else None.
+# w4a8 starts from the `w4a8_adaround` PTQ (CLE, AdaRound's rounding and its ranges), the 4-bit weights of
+# the plain `w4a8` scheme ("w4a8 nearest") rounded to nearest lost 0.6-1 point (docs/benchmarks.md).
 RECIPES = {
     "int8": {"scheme": "int8", "model": {}, "callback": {}},
-    "w4a8": {"scheme": "w4a8", "model": {}, "callback": {"bn_freeze_step": "half"}},
+    "w4a8": {"scheme": "w4a8_adaround", "model": {}, "callback": {"bn_freeze_step": "half"}},
 }
 # Candidates for the recipes (--variants), the measurements that chose them are in docs/benchmarks.md.
 VARIANTS = {
@@ -55,6 +58,27 @@ VARIANTS = {
                          "distill": {}},
     "w4a8 mse never": {"scheme": "w4a8", "model": {"weight_range": "mse"}, "callback": {}},
     "w4a8 delay": {"scheme": "w4a8", "model": {}, "callback": {"bn_freeze_step": "half", "quant_delay": "half"}},
+    # Learned step sizes (scheme keys qat.weight_range / qat.activation_range "learned").
+    "int8 learned": {"scheme": "int8", "model": {"weight_range": "learned", "activation_range": "learned"},
+                     "callback": {}},
+    "int8 learned_w": {"scheme": "int8", "model": {"weight_range": "learned"}, "callback": {}},
+    "w4a8 learned": {"scheme": "w4a8", "model": {"weight_range": "learned", "activation_range": "learned"},
+                     "callback": {"bn_freeze_step": "half"}},
+    "w4a8 learned_w": {"scheme": "w4a8", "model": {"weight_range": "learned"}, "callback": {"bn_freeze_step": "half"}},
+    # Activation ranges calibrated with min/max (nothing clipped when training starts) instead of the preset's
+    # method (int8: auto, which may pick MSE's clipped range; w4a8: MSE).
+    "int8 minmax": {"scheme": qtoolkit.load_scheme("int8").replace(activations={"method": "minmax"}), "model": {},
+                    "callback": {}},
+    "w4a8 minmax": {"scheme": qtoolkit.load_scheme("w4a8").replace(activations={"method": "minmax"}), "model": {},
+                    "callback": {"bn_freeze_step": "half"}},
+    "w4a8 freeze0": {"scheme": "w4a8", "model": {}, "callback": {"bn_freeze_step": 0}},
+    # The recipe before: w4a8 without post-training algorithms (weights rounded to nearest at the start).
+    # int8 from the int8_max_accuracy PTQ (CLE + AdaRound): at step 0 the QAT model is that scheme's PTQ file.
+    "w4a8 nearest": {"scheme": "w4a8", "model": {}, "callback": {"bn_freeze_step": "half"}},
+    "int8 adaround": {"scheme": "int8_max_accuracy", "model": {}, "callback": {}},
+    # A diagnostic, not a candidate: every activation range starts at [-6, 6], where TFMOT's moving averages
+    # start (its quantizers' initial values; decay 0.999 as here), instead of calibrated ranges.
+    "int8 wide": {"scheme": "int8", "model": {}, "callback": {}, "start_range": (-6.0, 6.0)},
 }
 
 
@@ -132,6 +156,10 @@ def run_tfmot(model, scheme, data, seed):
 
 def run_qtoolkit(model, recipe, data, seed, calibration):
     qm = qtoolkit.quantize_model(model, recipe["scheme"], calibration_data=calibration, **recipe["model"])
+    if recipe.get("start_range"):
+        for layer in qm.layers:
+            if isinstance(layer, QATQuantizeActivation) and layer.fixed_range is None:
+                layer.set_range(*recipe["start_range"])
     steps = data[2] * -(-len(data[0]) // BATCH)
     callback = {k: steps // 2 if v == "half" else v for k, v in recipe["callback"].items()}
     trainer = qm if recipe.get("distill") is None else qtoolkit.qat.Distiller(qm, model, **recipe["distill"])
