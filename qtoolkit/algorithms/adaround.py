@@ -196,9 +196,10 @@ def adaround(rewritten, inputs, iterations: int = DEFAULT_ITERATIONS, reg: float
     inputs = [np.asarray(a[:max_samples], np.float32) for a in inputs]
     layers = [layer for layer in qmodel.layers
               if isinstance(layer, FoldedConv) and layer.weight_quantizer is not None]
-    quantized, floating = LayerInputs(qmodel, inputs), LayerInputs(twin, inputs)
-    # In the order the steppers run them: `qmodel.layers` may list a residual block's shortcut conv before
-    # the conv beside it, which the graph runs first.
+    quantized = LayerInputs(qmodel, inputs)
+    floating = LayerInputs(twin, inputs, keep=[layer.name for layer in layers])  # float outputs: any order
+    # In the order the quantized stepper runs them: `qmodel.layers` may list a residual block's shortcut conv
+    # before the conv beside it, which the graph runs first.
     order = {node.name: i for i, node in enumerate(quantized.graph.nodes)}
     layers.sort(key=lambda layer: order.get(layer.name, len(order)))
     times = {}
@@ -208,10 +209,7 @@ def adaround(rewritten, inputs, iterations: int = DEFAULT_ITERATIONS, reg: float
         t0 = time.perf_counter()
         bar.set_postfix_str(layer.name)
         x_q = quantized.inputs_of(layer.name)[0]
-        if not floating.ahead(layer.name):  # the float twin ordered these two layers the other way: start over
-            floating = LayerInputs(twin, inputs)
-        floating.inputs_of(layer.name)
-        y_f = floating.run_next()[0]
+        y_f = floating.outputs_of(layer.name)[0]
         scale, qmin, qmax = grid_of(layer)
         kernel = layer.kernel.numpy()
         stats = {}

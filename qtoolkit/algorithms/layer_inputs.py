@@ -28,10 +28,12 @@ class LayerInputs:
       model: a Functional tf_keras model (nested models are inlined).
       inputs: one array per model input, samples on axis 0.
       chunk: samples per layer call (bounds the memory of one call).
+      keep: names of nodes whose outputs `outputs_of` returns, whenever they ran.
     """
 
-    def __init__(self, model, inputs, chunk: int = 64):
+    def __init__(self, model, inputs, chunk: int = 64, keep=()):
         self.graph = flatten(model)
+        self.keep, self.kept = set(keep), {}
         self.chunk = chunk
         self.n = int(inputs[0].shape[0])
         self.values = {t: tf.convert_to_tensor(a) for t, a in zip(self.graph.inputs, inputs)}
@@ -41,9 +43,17 @@ class LayerInputs:
                 self.readers[t] = self.readers.get(t, 0) + 1
         self.position = 0
 
-    def ahead(self, name: str) -> bool:
-        """Whether the node `name` has not run yet."""
-        return any(node.name == name for node in self.graph.nodes[self.position:])
+    def outputs_of(self, name: str) -> list:
+        """The outputs of the node `name` (one of `keep`), running the nodes up to it if it has not run yet.
+
+        Two models of one graph may order independent layers differently (a residual block's conv and its
+        shortcut): a kept node's outputs wait here from when it runs until they are asked for.
+        """
+        while name not in self.kept:
+            if self.position == len(self.graph.nodes):
+                raise KeyError(f"no layer {name!r} kept or left to run")
+            self.run_next()
+        return self.kept.pop(name)
 
     def inputs_of(self, name: str) -> list:
         """Runs every node before the node `name` (not yet run); returns the tensors it reads, in order."""
@@ -74,4 +84,6 @@ class LayerInputs:
         for t, y in zip(node.outputs, outputs):
             if self.readers.get(t, 0):
                 self.values[t] = y
+        if node.name in self.keep:
+            self.kept[node.name] = outputs
         return outputs
