@@ -78,9 +78,7 @@ def quantize_model(model, scheme: Any = "int8", *, ema_decay: float = 0.999, cal
     elif calibration_data is not None:
         from qtoolkit import calibrate
 
-        specs = [(t.name.split(":")[0], tuple(t.shape), t.dtype.as_numpy_dtype) for t in model.inputs]
-        source = calibrate.open_source(calibration_data, specs)
-        n = min(num_calibration_samples, source.num_samples or num_calibration_samples)
+        source, n, _ = _calibration_source(model, calibration_data, num_calibration_samples)
         # The scheme's range method (e.g. MSE), as PTQ would; the EMA of batch min/max takes over in training.
         calibrate.calibrate(result, source, n, scheme, progress=False)
     if is_keras3:
@@ -106,9 +104,8 @@ def _start_from_algorithms(qat_model, model, scheme: QuantScheme, calibration_da
     ptq = rewrite(model, scheme)
     report = algorithms.before_calibration(ptq, options, model)
     if calibration_data is not None:
-        specs = [(t.name.split(":")[0], tuple(t.shape), t.dtype.as_numpy_dtype) for t in model.inputs]
-        source = calibrate.open_source(calibration_data, specs)
-        inputs = source.collect(min(num_samples, source.num_samples or num_samples))
+        source, n, specs = _calibration_source(model, calibration_data, num_samples)
+        inputs = source.collect(n)  # held: AdaRound and empirical bias correction read them again
         calibrate.calibrate(ptq, calibrate.open_source(inputs, specs), len(inputs[0]), scheme, progress=False)
         algorithms.after_calibration(ptq, options, inputs, model, report, progress=False)
     twins = {layer.name: layer for layer in ptq.model.layers if isinstance(layer, (FoldedConv, QuantizeActivation))}
@@ -120,6 +117,15 @@ def _start_from_algorithms(qat_model, model, scheme: QuantScheme, calibration_da
         elif isinstance(layer, QATQuantizeActivation) and isinstance(twin, QuantizeActivation) and \
                 layer.fixed_range is None and calibration_data is not None:
             layer.set_range(*twin.get_range())
+
+
+def _calibration_source(model, data, num_samples: int):
+    """(source, samples used: at most `num_samples`, input specs) of calibration data for `model`'s inputs."""
+    from qtoolkit import calibrate
+
+    specs = [(t.name.split(":")[0], tuple(t.shape), t.dtype.as_numpy_dtype) for t in model.inputs]
+    source = calibrate.open_source(data, specs)
+    return source, min(num_samples, source.num_samples or num_samples), specs
 
 
 def to_inference_model(qat_model) -> keras.Model:

@@ -154,9 +154,6 @@ def _is_training(training) -> bool:
     return bool(training)
 
 
-# Weight ranges of QAT: "max" (max |w| per channel), "mse" (clipped where that lowers the squared error) or
-# "learned" (max |w| times a learned factor); schemes.QATOptions.
-WEIGHT_RANGES = QAT_WEIGHT_RANGES
 # Learned ranges are base * exp(LOG_SCALE_GAIN * theta) with theta trainable, starting at 0. The gain sets
 # how fast an optimizer moves them: Adam's steps are about its learning rate in theta whatever the gradient's
 # size, so at 1e-4 a range can change by e^0.3 (35%) in 100 steps, where theta unscaled would move it 1%.
@@ -190,8 +187,8 @@ class QATFoldedConvMath:
                  bn_correction=True, weight_range="max", **kwargs):
         super().__init__(**kwargs)
         self.bn_correction = bool(bn_correction)
-        if weight_range not in WEIGHT_RANGES:
-            raise ValueError(f"weight_range must be one of {WEIGHT_RANGES}, got {weight_range!r}")
+        if weight_range not in QAT_WEIGHT_RANGES:  # schemes.QATOptions: "max", "mse" or "learned"
+            raise ValueError(f"weight_range must be one of {QAT_WEIGHT_RANGES}, got {weight_range!r}")
         self.weight_range = weight_range
         if activation not in FUSABLE_ACTIVATIONS:
             raise ValueError(f"activation must be one of {FUSABLE_ACTIVATIONS}, got {activation!r}")
